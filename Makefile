@@ -1,0 +1,49 @@
+# ddlab — the README's commands. Everything runs inside $(VENV), created on first use.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ddlab-installed
+# Offline machines of this project keep the official MNIST files in ../shared/data/MNIST/raw.
+SHARED_MNIST := $(abspath ../shared/data/MNIST/raw)
+ifeq ($(origin DDLAB_DATA_DIR), undefined)
+  ifneq ($(wildcard $(SHARED_MNIST)/train-images-idx3-ubyte.gz),)
+    export DDLAB_DATA_DIR := $(SHARED_MNIST)
+  endif
+endif
+ARGS ?=
+N ?= 50000
+STEPS ?= 50
+GUIDANCE ?=
+
+.PHONY: install train test sample fid nll bench bench-quality lint clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+train: install  ## the default 10-minute MNIST job (extra Hydra overrides: ARGS="...")
+	$(PY) -m ddlab.train torch_threads=2 $(ARGS)
+
+test: install  ## the whole test suite
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+sample: install  ## make sample CKPT=path [ARGS="n=64 guidance_scale=3"]
+	@test -n "$(CKPT)" || { echo "usage: make sample CKPT=path/to/last.ckpt"; exit 2; }
+	$(PY) -m ddlab.sample ckpt=$(CKPT) $(ARGS)
+
+fid: install  ## make fid CKPT=path [N=50000] [STEPS=50] [GUIDANCE=...]
+	@test -n "$(CKPT)" || { echo "usage: make fid CKPT=path/to/last.ckpt [N=...] [STEPS=...] [GUIDANCE=...]"; exit 2; }
+	$(PY) -m ddlab.fid ckpt=$(CKPT) n=$(N) sampler.steps=$(STEPS) $(if $(GUIDANCE),sampler.guidance_scale=$(GUIDANCE),) $(ARGS)
+
+bench: install  ## speed and memory measurements (not tests)
+	$(PY) -m benchmarks.run $(ARGS)
+
+lint: install
+	$(PY) -m ruff check src tests benchmarks
+
+clean:
+	rm -rf logs outputs .pytest_cache

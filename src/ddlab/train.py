@@ -1,0 +1,99 @@
+"""Training entry point: ``python -m ddlab.train [overrides]`` (Hydra).
+
+Composes ``configs/train.yaml``; every object is built with ``hydra.utils.instantiate``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ddlab import config as _config  # noqa: F401  (registers resolvers)
+
+log = logging.getLogger("ddlab.train")
+
+
+def instantiate_dict(node: Optional[DictConfig]) -> list:
+    """Instantiate every entry with a ``_target_`` in a config dict (callbacks, loggers)."""
+    from hydra.utils import instantiate
+
+    if not node:
+        return []
+    return [instantiate(v) for v in node.values() if v is not None and "_target_" in v]
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Cheap consistency checks, before any data is read or any compute starts."""
+    for key in ("data", "model", "scheduler", "sampler", "trainer", "module"):
+        if key not in cfg or cfg[key] is None:
+            raise ValueError(f"config has no `{key}` section; choose one with {key}=<option>")
+    m, d = cfg.model, cfg.data
+    if "num_classes" in m and int(m.num_classes) != int(d.num_classes):
+        raise ValueError(
+            f"model.num_classes={m.num_classes} but data.num_classes={d.num_classes}: set model.num_classes=${{data.num_classes}} "
+            "(the default) or change one of them"
+        )
+    if "image_size" in m and int(m.image_size) != int(d.image_size):
+        raise ValueError(f"model.image_size={m.image_size} but data.image_size={d.image_size}; they must match")
+    if "in_channels" in m and int(m.in_channels) != int(d.channels):
+        raise ValueError(f"model.in_channels={m.in_channels} but data.channels={d.channels}; they must match")
+
+
+def train(cfg: DictConfig) -> Optional[float]:
+    """Build everything from ``cfg`` and fit. Returns the value of ``cfg.optimized_metric``."""
+    import lightning.pytorch as pl
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
+
+    from ddlab.training import AtomicCheckpointIO, count_parameters
+
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg.torch_threads))
+    validate_config(cfg)
+    if cfg.get("seed") is not None:  # seed 0 is a seed
+        pl.seed_everything(int(cfg.seed), workers=True)
+
+    output_dir = Path(cfg.paths.output_dir) if HydraConfig.initialized() else Path(cfg.trainer.default_root_dir)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    diffusion = instantiate(cfg.scheduler)
+    sampler = instantiate(cfg.sampler)
+    module = instantiate(cfg.module, _partial_=True)(model=model, diffusion=diffusion, sampler=sampler, run_config=resolved)
+    callbacks = instantiate_dict(cfg.get("callbacks"))
+    loggers = instantiate_dict(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
+
+    n_params = count_parameters(model)
+    log.info("model: %s parameters; diffusion: %s", f"{n_params['params/total']:,}", diffusion)
+    for lg in trainer.loggers:
+        lg.log_hyperparams({**resolved, **n_params})
+
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None and not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    metrics.update({"global_step": trainer.global_step, "epoch": trainer.current_epoch, **n_params})
+    if trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    name = cfg.get("optimized_metric")
+    return metrics.get(name) if name else None
+
+
+@hydra.main(version_base="1.3", config_path="../../configs", config_name="train")
+def main(cfg: DictConfig) -> Any:
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

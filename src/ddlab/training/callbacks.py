@@ -1,0 +1,147 @@
+"""Callbacks: EMA of the weights, sample grids, atomic checkpoint writes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+
+
+class EMA(Callback):
+    """Exponential moving average of ``pl_module.model`` into ``pl_module.ema_model`` after every
+    optimizer step (the EMA weights live in the module's state dict, so checkpoints carry them).
+
+    ``decay_t = clamp(1 - (1 + t / inv_gamma) ** -power, min_decay, decay)`` when ``warmup`` is on
+    (diffusers/Karras warm-up: early averages forget the random init quickly), else ``decay``.
+    Updates start after ``start_step`` steps and happen every ``update_every`` steps.
+    """
+
+    def __init__(self, decay: float = 0.9999, warmup: bool = True, inv_gamma: float = 1.0, power: float = 2 / 3,
+                 min_decay: float = 0.0, update_every: int = 1, start_step: int = 0):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"callbacks.ema.decay must lie in [0, 1), got {decay}")
+        if update_every < 1:
+            raise ValueError(f"callbacks.ema.update_every must be >= 1, got {update_every}")
+        self.decay = decay
+        self.warmup = warmup
+        self.inv_gamma = inv_gamma
+        self.power = power
+        self.min_decay = min_decay
+        self.update_every = update_every
+        self.start_step = start_step
+        self._last_step = -1
+
+    def decay_at(self, step: int) -> float:
+        """Decay used for the update after optimizer step ``step`` (1-based count of steps taken)."""
+        n = step - self.start_step
+        if n <= 0:
+            return 0.0
+        if not self.warmup:
+            return self.decay
+        value = 1.0 - (1.0 + n / self.inv_gamma) ** (-self.power)
+        return max(self.min_decay, min(value, self.decay))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step == 0 and trainer.ckpt_path is None:
+            pl_module.ema_model.load_state_dict(pl_module.model.state_dict())
+        self._last_step = trainer.global_step
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._last_step:  # no optimizer step this batch (gradient accumulation)
+            return
+        self._last_step = step
+        if step % self.update_every:
+            return
+        d = self.decay_at(step)
+        ema_p = [p for p in pl_module.ema_model.parameters()]
+        src_p = [p.detach() for p in pl_module.model.parameters()]
+        torch._foreach_lerp_(ema_p, src_p, 1.0 - d)
+        for eb, sb in zip(pl_module.ema_model.buffers(), pl_module.model.buffers()):
+            eb.copy_(sb)
+        if step % max(1, trainer.log_every_n_steps) == 0:
+            pl_module.log("train/ema_decay", d, on_step=True, on_epoch=False)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "power": self.power, "inv_gamma": self.inv_gamma}
+
+
+class SampleGrid(Callback):
+    """Every ``every_n_steps`` optimizer steps and at the end of training, draw ``n`` samples with the
+    EMA weights and the configured sampler, save ``samples/step_NNNNNN.png`` in the run directory and
+    send the grid to the loggers that take images. Class-conditional models get labels
+    ``0, 1, ..., num_classes-1`` repeated (one class per column) and ``guidance_scale``."""
+
+    def __init__(self, dirpath: str, every_n_steps: int = 500, n: int = 64, guidance_scale: Optional[float] = None,
+                 seed: int = 0, at_end: bool = True):
+        self.dirpath = Path(dirpath)
+        self.every_n_steps = every_n_steps
+        self.n = n
+        self.guidance_scale = guidance_scale
+        self.seed = seed
+        self.at_end = at_end
+        self._last_saved = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_saved:
+            self.save(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.at_end and trainer.global_step != self._last_saved:
+            self.save(trainer, pl_module)
+
+    def labels(self, pl_module) -> Optional[torch.Tensor]:
+        k = pl_module.num_classes
+        return (torch.arange(self.n) % k).to(pl_module.device) if k else None
+
+    @rank_zero_only
+    def save(self, trainer, pl_module) -> Path:
+        from torchvision.utils import save_image
+
+        step = trainer.global_step
+        self._last_saved = step
+        g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        w = self.guidance_scale if pl_module.num_classes else 1.0
+        images = pl_module.sample(self.n, y=self.labels(pl_module), generator=g, guidance_scale=w)
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        path = self.dirpath / f"step_{step:06d}.png"
+        nrow = pl_module.num_classes if pl_module.num_classes and self.n % pl_module.num_classes == 0 else int(self.n**0.5)
+        save_image((images + 1) / 2, path, nrow=nrow, padding=2)
+        for logger in trainer.loggers:
+            exp = getattr(logger, "experiment", None)
+            if hasattr(exp, "add_image"):  # TensorBoard
+                from torchvision.utils import make_grid
+
+                exp.add_image("samples", make_grid((images + 1) / 2, nrow=nrow), step)
+            elif hasattr(logger, "log_image"):  # W&B
+                logger.log_image(key="samples", images=[str(path)], step=step, caption=[f"step {step}"])
+        return path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to ``<path>.tmp`` and renames it into place, so a kill during a save
+    leaves the previous file intact (``os.replace`` is atomic on POSIX and Windows)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = str(path)
+        tmp = f"{path}.tmp"
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=False)
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            raise RuntimeError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}); use another file, e.g. an earlier step in the same folder") from e

@@ -1,0 +1,84 @@
+"""MNIST IDX reading on files written in the exact official layout, and on the real files."""
+
+import gzip
+import hashlib
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from ddlab.data import MNISTDataModule, load_mnist, read_idx
+from ddlab.data.mnist import ALL_FILES
+
+
+def write_idx(path, arr: np.ndarray, compress=True):
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(struct.pack(">I", s) for s in arr.shape)
+    data = header + arr.astype(np.uint8).tobytes()
+    if compress:
+        with gzip.open(f"{path}.gz", "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 20), ("t10k", 8)):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte", np.arange(n) % 10)
+    return tmp_path
+
+
+def test_reads_written_idx(tiny_mnist):
+    x, y = load_mnist(tiny_mnist, "train")
+    assert x.shape == (20, 28, 28) and x.dtype == np.uint8
+    assert y.tolist() == [i % 10 for i in range(20)]
+
+
+def test_datamodule_values_and_padding(tiny_mnist):
+    dm = MNISTDataModule(data_dir=str(tiny_mnist), image_size=32, batch_size=4, download=False)
+    dm.setup("fit")
+    xb, yb = next(iter(dm.train_dataloader()))
+    assert xb.shape == (4, 1, 32, 32) and yb.dtype == torch.int64
+    assert xb.min() >= -1 and xb.max() <= 1
+    # the 2-pixel border is black (-1) and the interior is the digit scaled to [-1, 1]
+    raw, _ = load_mnist(tiny_mnist, "train")
+    full = dm.train_set.images
+    torch.testing.assert_close(full[:, 0, 2:30, 2:30], torch.from_numpy(raw).float() / 127.5 - 1)
+    assert (full[:, :, :2] == -1).all() and (full[:, :, :, -2:] == -1).all()
+    assert len(dm.val_set) == 8
+
+
+def test_truncated_file_names_file(tiny_mnist):
+    p = tiny_mnist / "train-images-idx3-ubyte.gz"
+    raw = gzip.decompress(p.read_bytes())
+    with gzip.open(p, "wb") as f:
+        f.write(raw[:-100])
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz.*truncated"):
+        load_mnist(tiny_mnist, "train")
+
+
+def test_missing_directory_lists_files(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        load_mnist(tmp_path, "train", download=False)
+    msg = str(e.value)
+    assert str(tmp_path) in msg and all(f in msg for f in ALL_FILES) and "DDLAB_DATA_DIR" in msg
+
+
+def test_offline_download_fails_clearly(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def no_network(*a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", no_network)
+    with pytest.raises(FileNotFoundError, match="download failed"):
+        load_mnist(tmp_path, "train", download=True)
+
+
+def test_real_official_files(mnist_dir):
+    x, y = load_mnist(mnist_dir, "test")
+    assert x.shape == (10000, 28, 28) and np.bincount(y).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert hashlib.md5(read_idx(mnist_dir / "t10k-labels-idx1-ubyte.gz").tobytes()).hexdigest() == hashlib.md5(y.astype(np.uint8).tobytes()).hexdigest()
