@@ -94,7 +94,8 @@ class GaussianDiffusion:
         self.alphas_cumprod = torch.cumprod(alphas, dim=0)
         self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
         self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
-        self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
+        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        self.sqrt_one_minus_alphas_cumprod = self.one_minus_alphas_cumprod.sqrt()
         self.log_one_minus_alphas_cumprod = torch.log(1.0 - self.alphas_cumprod)
         self.sqrt_recip_alphas_cumprod = (1.0 / self.alphas_cumprod).sqrt()
         self.sqrt_recipm1_alphas_cumprod = (1.0 / self.alphas_cumprod - 1.0).sqrt()
@@ -109,18 +110,29 @@ class GaussianDiffusion:
             self.posterior_log_variance_clipped = torch.log(betas)
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
+        # Every array that is indexed by t lives here, so the device cache below never sees a temporary.
+        self.log_betas = torch.log(betas)
+        # fixed_large: beta_t, with beta~_1 at t = 0 so the decoder's variance is sensible (improved-DDPM).
+        self.fixed_large_variance = (
+            torch.cat([self.posterior_variance[1:2], betas[1:]]) if self.num_timesteps > 1 else betas.clone()
+        )
+        self.fixed_large_log_variance = torch.log(self.fixed_large_variance)
+        self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
         self._device_cache: dict = {}
 
     # ------------------------------------------------------------------ helpers
     def _extract(self, arr: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``arr[t]`` broadcast to ``x``'s shape, gathered in float64 and cast to ``x.dtype``
         (float32 when ``x`` is half: schedules never live in half precision)."""
-        key = (id(arr), t.device)
-        dev_arr = self._device_cache.get(key)
-        if dev_arr is None:
+        # Keyed by identity and device; the source is kept with its copy so an id is never reused
+        # for another array while its entry lives (only schedule attributes are passed here).
+        key = (id(arr), str(t.device))
+        entry = self._device_cache.get(key)
+        if entry is None or entry[0] is not arr:
             dev_arr = arr.to(t.device) if t.device.type != "mps" else arr.float().to(t.device)
-            self._device_cache[key] = dev_arr
-        out = dev_arr[t]
+            entry = (arr, dev_arr)
+            self._device_cache[key] = entry
+        out = entry[1][t]
         dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
         return out.to(dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
@@ -132,7 +144,7 @@ class GaussianDiffusion:
     def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor):
         """q(x_t | x_0) = N(sqrt(ab_t) x_0, (1 - ab_t) I). Returns (mean, variance, log_variance)."""
         mean = self._extract(self.sqrt_alphas_cumprod, t, x0) * x0
-        var = self._extract(1.0 - self.alphas_cumprod, t, x0)
+        var = self._extract(self.one_minus_alphas_cumprod, t, x0)
         logvar = self._extract(self.log_one_minus_alphas_cumprod, t, x0)
         return mean, var, logvar
 
@@ -184,15 +196,12 @@ class GaussianDiffusion:
         """(variance, log_variance) of p(x_{t-1} | x_t)."""
         if self.variance == "learned_range":
             min_log = self._extract(self.posterior_log_variance_clipped, t, x_t)
-            max_log = self._extract(torch.log(self.betas), t, x_t)
+            max_log = self._extract(self.log_betas, t, x_t)
             frac = (var_values + 1.0) / 2.0
             logvar = frac * max_log + (1.0 - frac) * min_log
             return torch.exp(logvar), logvar
         if self.variance == "fixed_large":
-            # beta_t, with beta~_1 at t = 0 so the decoder's variance is sensible (improved-DDPM).
-            large = torch.cat([self.posterior_variance[1:2], self.betas[1:]]) if self.num_timesteps > 1 else self.betas
-            var = self._extract(large, t, x_t)
-            return var, torch.log(var)
+            return self._extract(self.fixed_large_variance, t, x_t), self._extract(self.fixed_large_log_variance, t, x_t)
         logvar = self._extract(self.posterior_log_variance_clipped, t, x_t)
         return self._extract(self.posterior_variance, t, x_t), logvar
 
@@ -228,7 +237,7 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ losses
     def _snr(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self._extract(self.alphas_cumprod / (1.0 - self.alphas_cumprod), t, x)
+        return self._extract(self.snr, t, x)
 
     def _vb_terms_bpd(self, out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip_x0: bool = False):
         """L_{t} in bits per dimension: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0 and the
