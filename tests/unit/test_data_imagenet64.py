@@ -266,3 +266,18 @@ def test_config_composes_and_instantiates_without_reading(tmp_path):
     dm = instantiate(cfg.data)
     dm.setup("fit")
     assert len(dm.train_set) == 8 and dm.meta["num_classes"] == 200
+
+
+def test_worker_processes_read_the_memmap(tmp_path, raw):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_npz(src, raw)
+    dm = ImageNet64DataModule(path=str(src), cache_dir=str(tmp_path / "c"), image_size=R, num_classes=4, hflip=False,
+                              batch_size=2, num_workers=2, persistent_workers=True, pin_memory=False)
+    dm.setup("fit")
+    dl = dm.train_dataloader()
+    assert dl.num_workers == 2 and dl.persistent_workers
+    want = sorted(np.concatenate([b for _, b in raw["train"]]) - 1)
+    for _ in range(2):  # two epochs through the same persistent workers
+        got = sorted(torch.cat([y for _, y in dl]).tolist())
+        assert got == want
