@@ -125,7 +125,7 @@ def test_prepare_cli(tmp_path, raw, capsys):
     write_pickle(src, raw)
     prepare_main(["imagenet64", f"src={src}", f"dst={tmp_path / 'mm'}"])
     assert "8" in capsys.readouterr().out
-    images, labels = open_split(tmp_path / "mm", "train")
+    images, _ = open_split(tmp_path / "mm", "train")
     want = np.concatenate([a for a, _ in raw["train"]])
     assert np.array_equal(np.asarray(images).transpose(0, 2, 3, 1), want)
     with pytest.raises(SystemExit, match="src="):

@@ -2,8 +2,8 @@
 
 from .base import ImageDataModule, TensorImageDataset, to_numpy_uint8
 from .butterflies import ButterfliesDataModule
-from .images import ArrayImageDataset, decode_image, find_images, resize_center_crop
 from .imagenet64 import ImageNet64DataModule, open_split, prepare_imagenet64
+from .images import ArrayImageDataset, decode_image, find_images, resize_center_crop
 from .mnist import MNISTDataModule, load_mnist, read_idx
 
 __all__ = [

@@ -4,7 +4,6 @@ unconditional. Read from the Hugging Face hub, a local parquet copy, or a folder
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 

@@ -111,7 +111,7 @@ def read_array_file(path: Path, kind: str) -> tuple[np.ndarray, np.ndarray]:
 
 def resolution_of(row_length: int, path: Union[Path, str] = "") -> int:
     """Side ``R`` of a channel-planar RGB row of ``3*R*R`` bytes (12288 -> 64, 3072 -> 32)."""
-    r = int(round((row_length / 3) ** 0.5))
+    r = round((row_length / 3) ** 0.5)
     if r < 1 or 3 * r * r != row_length:
         raise ValueError(f"{path}: rows of {row_length} bytes are not 3*R*R channel-planar RGB images (wrong array shape)")
     return r
