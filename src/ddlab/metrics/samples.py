@@ -1,0 +1,57 @@
+"""Reading and writing sample sets: a folder of PNGs, or an OpenAI-evaluator ``.npz``
+(``arr_0``: ``(N, H, W, C)`` uint8, optional ``arr_1``: labels)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def load_samples(path: str | os.PathLike, key: str = "samples") -> np.ndarray:
+    """``(N, H, W, C)`` uint8 (C in {1, 3}) from a ``.npz`` (``arr_0``) or an image folder (sorted by name)."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".npz":
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                if "arr_0" not in z.files:
+                    raise ValueError(f"{key}={p}: the npz holds {z.files}, expected 'arr_0' (N, H, W, C) uint8")
+                x = np.asarray(z["arr_0"])
+        except ValueError:
+            raise
+        except Exception as e:
+            raise ValueError(f"{key}={p}: cannot read the npz ({type(e).__name__}: {e})") from e
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
+            raise ValueError(f"{key}={p}: arr_0 must be (N, H, W, C) uint8 with C in 1 or 3, got {x.shape} {x.dtype}")
+        return x
+    if p.is_dir():
+        from PIL import Image
+
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+        if not files:
+            raise ValueError(f"{key}={p}: no image files ({', '.join(IMAGE_EXTS)}) in the folder")
+        imgs = []
+        for f in files:
+            with Image.open(f) as im:
+                a = np.asarray(im.convert("L" if im.mode in ("L", "I", "I;16", "1") else "RGB"))
+            imgs.append(a[..., None] if a.ndim == 2 else a)
+        shapes = {a.shape for a in imgs}
+        if len(shapes) != 1:
+            raise ValueError(f"{key}={p}: images differ in size/channels: {sorted(shapes)[:4]}")
+        return np.stack(imgs)
+    raise FileNotFoundError(f"{key}={p}: no such .npz file or image folder")
+
+
+def save_samples_npz(path: str | os.PathLike, images: np.ndarray, labels: Optional[np.ndarray] = None) -> Path:
+    """Write ``arr_0`` (uint8 NHWC) and, when given, ``arr_1`` (labels) — the OpenAI evaluator layout."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"arr_0": np.asarray(images, dtype=np.uint8)}
+    if labels is not None:
+        arrays["arr_1"] = np.asarray(labels, dtype=np.int64)
+    np.savez(p, **arrays)
+    return p
