@@ -41,13 +41,16 @@ class TimeEmbedding(nn.Module):
 
 
 class ClassEmbedding(nn.Module):
-    """Learned class embedding with an extra *null* class (index ``num_classes``) used for
-    unconditional passes in classifier-free guidance. ``y=None`` means the null class."""
+    """Learned class embedding ``(B,) int -> (B, emb_dim)`` with an extra *null* class (index
+    ``num_classes``) for unconditional passes in classifier-free guidance. ``y=None`` means the null
+    class. The null embedding is fixed at exactly zero (``padding_idx``: never updated), so a
+    null-class pass sees the time embedding alone and class-dependent blocks reduce exactly to
+    their unconditional form."""
 
     def __init__(self, num_classes: int, emb_dim: int):
         super().__init__()
         self.num_classes = num_classes
-        self.embed = nn.Embedding(num_classes + 1, emb_dim)
+        self.embed = nn.Embedding(num_classes + 1, emb_dim, padding_idx=num_classes)
 
     def forward(self, y: Optional[torch.Tensor], batch_size: int, device) -> torch.Tensor:
         if y is None:

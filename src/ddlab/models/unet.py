@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -38,7 +39,7 @@ class UNet(nn.Module):
 
     Args:
         image_size: input height = width (e.g. 28, 32, 64, 128); must be divisible by
-            ``2 ** (len(channel_mult) - 1)``.
+            ``2 ** (len(channel_mult) - 1)`` unless ``pad_input``.
         in_channels: image channels C.
         out_channels: output channels (C, or 2C for learned variance); default ``in_channels``.
         base_channels: channels of the first level.
@@ -48,11 +49,21 @@ class UNet(nn.Module):
         num_blocks: units per level on the way down (``num_blocks + 1`` on the way up).
         num_classes: number of classes (0 = unconditional); index ``num_classes`` is the null class.
         dropout: dropout inside residual blocks.
-        attention_resolutions: resolutions where attention blocks (``atn``, ``clsAtn``) are kept;
-            ``None`` keeps them at every level.
-        gradient_checkpointing: recompute each unit in backward to save memory.
+        attention_resolutions: feature-map sizes where attention blocks (``atn``, ``clsAtn``) are
+            kept, e.g. ``[32, 16, 8]``; ``None`` keeps them at every level. Sizes that no level has
+            are ignored (so one preset builds at several image sizes), but at least one must occur.
+        use_scale_shift_norm: the embedding scales and shifts the normalised features (ADM) or is added.
+        resblock_updown: down/up-sample with residual blocks (ADM) instead of a strided conv /
+            nearest-upsample conv.
+        gradient_checkpointing: recompute each unit in backward to save memory (same gradients).
         channels_last: keep weights and activations in channels-last memory format.
-        Other keyword arguments (``window_size``, ``num_heads``, ``head_channels``, ...) go to blocks.
+        pad_input: zero-pad inputs whose size is not divisible by ``2 ** (len(channel_mult) - 1)``
+            (e.g. 28 px MNIST with four levels) symmetrically up to the next multiple, and crop the
+            output back; attention resolutions then refer to the padded sizes.
+        compile: compile the forward in place with ``torch.compile`` (state-dict keys unchanged).
+        Other keyword arguments go to every block: ``window_size`` (atn/clsAtn window, null =
+        global), ``num_heads`` or ``head_channels``, ``class_tokens`` (clsAtn), ``conv_expansion``
+        (conv).
 
     ``forward(x: (B, C, H, W) float, t: (B,) int, y: (B,) int or None) -> (B, out_channels, H, W)``.
     """
@@ -73,19 +84,31 @@ class UNet(nn.Module):
         resblock_updown: bool = False,
         gradient_checkpointing: bool = False,
         channels_last: bool = False,
+        pad_input: bool = False,
+        compile: bool = False,
         **block_kwargs,
     ):
         super().__init__()
         blocks = list(blocks)
-        channel_mult = list(channel_mult)
-        self._validate(image_size, in_channels, base_channels, channel_mult, blocks, num_blocks, num_classes, dropout)
+        channel_mult = [int(m) for m in channel_mult]
+        factor = 2 ** (len(channel_mult) - 1) if channel_mult else 1
+        inner_size = -(-int(image_size) // factor) * factor if pad_input else int(image_size)
+        self._validate(image_size, in_channels, base_channels, channel_mult, blocks, num_blocks, num_classes, dropout, pad_input)
+        attn_res = None if attention_resolutions is None else {int(r) for r in attention_resolutions}
+        level_res = [inner_size // 2**i for i in range(len(channel_mult))]
+        if attn_res is not None and any(b in ("atn", "clsAtn") for b in blocks) and not attn_res & set(level_res):
+            raise ValueError(
+                f"model.attention_resolutions={sorted(attn_res)} matches no level of this U-Net (feature-map sizes "
+                f"{level_res} for image size {image_size}): the attention blocks would never be used; choose among {level_res} or null"
+            )
         self.image_size = image_size
+        self.inner_size = inner_size
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
         self.num_classes = int(num_classes)
         self.gradient_checkpointing = gradient_checkpointing
         self.channels_last = channels_last
-        attn_res = None if attention_resolutions is None else {int(r) for r in attention_resolutions}
+        self.compile_requested = bool(compile)
 
         emb_dim = 4 * base_channels
         self.time_embed = TimeEmbedding(base_channels, emb_dim)
@@ -97,21 +120,17 @@ class UNet(nn.Module):
                 return blocks
             return [b for b in blocks if b not in ("atn", "clsAtn")]
 
-        def down_op(ch, res):
-            if resblock_updown:
-                return _ResampleRes(ch, emb_dim, "down", **kw)
-            return Downsample(ch)
+        def down_op(ch):
+            return ResBlock(ch, ch, emb_dim, updown="down", **kw) if resblock_updown else Downsample(ch)
 
-        def up_op(ch, res):
-            if resblock_updown:
-                return _ResampleRes(ch, emb_dim, "up", **kw)
-            return Upsample(ch)
+        def up_op(ch):
+            return ResBlock(ch, ch, emb_dim, updown="up", **kw) if resblock_updown else Upsample(ch)
 
         ch = base_channels * channel_mult[0]
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
         skip_channels = [ch]
-        res = image_size
+        res = inner_size
         for level, mult in enumerate(channel_mult):
             out_ch = base_channels * mult
             for _ in range(num_blocks):
@@ -119,7 +138,7 @@ class UNet(nn.Module):
                 ch = out_ch
                 skip_channels.append(ch)
             if level < len(channel_mult) - 1:
-                self.down.append(down_op(ch, res))
+                self.down.append(down_op(ch))
                 res //= 2
                 skip_channels.append(ch)
         self.mid = nn.ModuleList([Unit(names_at(res), ch, ch, emb_dim, res, **kw), ResBlock(ch, ch, emb_dim, **kw)])
@@ -130,14 +149,16 @@ class UNet(nn.Module):
                 self.up.append(Unit(names_at(res), ch + skip_channels.pop(), out_ch, emb_dim, res, **kw))
                 ch = out_ch
             if level > 0:
-                self.up.append(up_op(ch, res))
+                self.up.append(up_op(ch))
                 res *= 2
         self.out = nn.Sequential(norm(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, self.out_channels, 3, padding=1)))
         if channels_last:
             self.to(memory_format=torch.channels_last)
+        if compile:
+            self.compile()
 
     @staticmethod
-    def _validate(image_size, in_channels, base_channels, channel_mult, blocks, num_blocks, num_classes, dropout):
+    def _validate(image_size, in_channels, base_channels, channel_mult, blocks, num_blocks, num_classes, dropout, pad_input=False):
         if not blocks:
             raise ValueError("model.blocks is empty; give an ordered list such as [res, clsAtn, chnAtn]")
         for b in blocks:
@@ -154,10 +175,13 @@ class UNet(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"model.dropout must lie in [0, 1), got {dropout}")
         factor = 2 ** (len(channel_mult) - 1)
-        if image_size % factor:
+        if image_size < factor:
+            raise ValueError(f"image size {image_size} is smaller than 2**(len(model.channel_mult) - 1) = {factor}: use fewer levels in model.channel_mult")
+        if image_size % factor and not pad_input:
             raise ValueError(
                 f"image size {image_size} is not divisible by 2**(len(model.channel_mult) - 1) = {factor}: "
-                f"use fewer levels in model.channel_mult or set data.image_size to a multiple of {factor}"
+                f"use fewer levels in model.channel_mult, set data.image_size to a multiple of {factor}, "
+                f"or set model.pad_input=true"
             )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -165,6 +189,9 @@ class UNet(nn.Module):
             raise ValueError(
                 f"UNet built for (B, {self.in_channels}, {self.image_size}, {self.image_size}) inputs, got {tuple(x.shape)}"
             )
+        pad = self.inner_size - self.image_size
+        if pad:
+            x = F.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         emb = self.time_embed(t)
@@ -185,7 +212,10 @@ class UNet(nn.Module):
             if isinstance(layer, Unit):
                 h = torch.cat([h, skips.pop()], dim=1)
             h = self._run(layer, h, emb, cls)
-        return self.out(h)
+        out = self.out(h)
+        if pad:
+            out = out[..., pad // 2 : pad // 2 + self.image_size, pad // 2 : pad // 2 + self.image_size]
+        return out
 
     def _run(self, layer: nn.Module, h, emb, cls):
         if isinstance(layer, (Downsample, Upsample)):
@@ -194,18 +224,3 @@ class UNet(nn.Module):
             return checkpoint(layer, h, emb, cls, use_reentrant=False)
         return layer(h, emb, cls)
 
-
-class _ResampleRes(nn.Module):
-    """Residual block that also down- or up-samples (ADM's ``resblock_updown``)."""
-
-    def __init__(self, channels: int, emb_dim: int, direction: str, **kw):
-        super().__init__()
-        self.block = ResBlock(channels, channels, emb_dim, **kw)
-        self.direction = direction
-
-    def forward(self, x, emb, cls=None):
-        if self.direction == "down":
-            x = nn.functional.avg_pool2d(x, 2)
-        else:
-            x = nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
-        return self.block(x, emb, cls)
