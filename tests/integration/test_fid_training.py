@@ -1,0 +1,93 @@
+"""FID during training: single process and 2-process gloo DDP on CPU, with random Inception weights."""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddlab.metrics import write_random_weights
+from ddlab.train import train
+from tests.conftest import ROOT, compose
+
+TINY = [
+    "model.base_channels=8",
+    "model.channel_mult=[1,2]",
+    "data.image_size=28",
+    "scheduler.num_timesteps=20",
+    "sampler.steps=3",
+    "sampler.progress=false",
+    "data.limit=32",
+    "data.val_limit=12",
+    "data.batch_size=16",
+    "trainer.max_time=null",
+    "callbacks.progress_bar=null",
+    "trainer.limit_val_batches=1",
+    "callbacks.sample_grid.every_n_steps=0",
+    "callbacks.sample_grid.at_end=false",
+    "module.warmup_steps=2",
+    "eval.every_n_epochs=1",
+    "eval.num_samples=10",
+    "eval.steps=2",
+    "eval.batch_size=8",
+    "eval.feature_batch_size=16",
+]
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory) -> Path:
+    p = tmp_path_factory.getbasetemp() / "inception_random.pth"
+    if not p.is_file():
+        write_random_weights(p, seed=0, calibration_images=(4, 32))
+    return p
+
+
+def _metrics_rows(run: Path) -> list:
+    with open(run / "csv" / "metrics.csv") as f:
+        return [r for r in csv.DictReader(f) if r.get("val/fid")]
+
+
+@pytest.mark.slow
+def test_fid_in_training_single_process(tmp_path, inception_weights):
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    cfg = compose(TINY + ["trainer.max_epochs=2", f"eval.weights_path={inception_weights}", f"eval.cache_dir={cache}",
+                          "callbacks=best_fid"], output_dir=run)
+    train(cfg)
+    rows = _metrics_rows(run)
+    fids = [float(r["val/fid"]) for r in rows]
+    best = [float(r["val/fid_best"]) for r in rows]
+    assert len(fids) == 2 and all(math.isfinite(v) and v > 0 for v in fids)
+    assert best == [fids[0], min(fids)]
+    # reference statistics: 12 val images, 28 px, 1 channel; cached once under their key
+    stats = list(cache.glob("*.npz"))
+    assert len(stats) == 1 and stats[0].name.startswith("mnist-val-28px-1c-n12-")
+    assert sorted(p.name for p in (run / "fid").iterdir()) == ["epoch_0000.png", "epoch_0001.png"]
+    # ModelCheckpoint(monitor=val/fid, mode=min) kept the best epoch's checkpoint
+    ck = list((run / "checkpoints").glob("best_fid_step_*.ckpt"))
+    assert len(ck) == 1
+    step_best = 2 * (1 + fids.index(min(fids)))  # 32 images / batch 16 = 2 steps per epoch
+    assert ck[0].name == f"best_fid_step_{step_best:06d}.ckpt"
+    saved = torch.load(ck[0], map_location="cpu", weights_only=False)
+    assert saved["callbacks"]  # FIDCallback state (best) travels in checkpoints
+    assert any(v.get("best") == pytest.approx(min(fids)) for v in saved["callbacks"].values() if isinstance(v, dict))
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_fid_in_training_ddp_gloo(tmp_path, inception_weights):
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "ddlab.train", *TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+           "trainer.max_epochs=1", "data.limit=64", f"eval.weights_path={inception_weights}", f"eval.cache_dir={cache}",
+           "eval.num_samples=9", "logger=csv", f"hydra.run.dir={run}", "torch_threads=1"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    rows = _metrics_rows(run)
+    assert len(rows) == 1 and math.isfinite(float(rows[0]["val/fid"]))
+    assert float(rows[0]["val/fid_best"]) == float(rows[0]["val/fid"])
+    assert len(list(cache.glob("mnist-val-28px-1c-n12-*.npz"))) == 1
+    assert (run / "fid" / "epoch_0000.png").is_file()
