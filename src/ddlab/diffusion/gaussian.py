@@ -245,7 +245,9 @@ class GaussianDiffusion:
         true_mean, _, true_logvar = self.q_posterior_mean_variance(x0, x_t, t)
         p = self.p_mean_variance_from_output(out, x_t, t, clip_x0)
         kl = mean_flat(normal_kl(true_mean, true_logvar, p["mean"], p["log_variance"])) / math.log(2.0)
-        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, p["mean"], 0.5 * p["log_variance"])) / math.log(2.0)
+        # fixed variances are (B, 1, 1, 1): broadcast the decoder's scale to every pixel
+        log_scales = (0.5 * p["log_variance"]).expand_as(x0)
+        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, p["mean"], log_scales)) / math.log(2.0)
         return torch.where(t == 0, nll, kl), p["pred_x0"]
 
     def training_losses(
