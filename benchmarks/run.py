@@ -39,7 +39,7 @@ from typing import Optional
 
 import torch
 
-from benchmarks.common import ROOT, compose, data_names, fmt, machine_info, max_rss_mb, now, preset_names, rss_mb, stats, sync
+from benchmarks.common import ROOT, compose, data_names, fmt, machine_info, max_rss_mb, now, preset_names, rss_mb, stats
 
 SCHEMA = "ddlab-bench/1"
 DEFAULT_MODEL = "unet_res_mnist"
@@ -99,9 +99,12 @@ class Case:
             self.overrides.insert(0, f"model={preset}")
         if device.type == "cuda":
             self.overrides.append("trainer=gpu")
+        self.overrides += list(extra)
         if base_channels:
             self.overrides.append(f"model.base_channels={base_channels}")
-        self.overrides += list(extra)
+            # attention heads must divide the reduced widths: one head of base_channels channels
+            if compose(self.overrides).model.get("head_channels"):
+                self.overrides.append(f"model.head_channels={base_channels}")
         self.cfg = compose(self.overrides)
         from hydra.utils import instantiate
 
@@ -259,7 +262,7 @@ def memory_case(spec: dict) -> dict:
 def cpu_memory(spec: dict) -> Optional[dict]:
     cmd = [sys.executable, "-m", "benchmarks.run", "--memcase", json.dumps(spec), "--threads", str(torch.get_num_threads())]
     try:
-        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        out = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
         return None
     for line in reversed(out.stdout.splitlines()):
@@ -276,7 +279,7 @@ def bench_train(s: dict, dev: torch.device, memory: bool, notes: list) -> list[d
             label = f"{preset} @ {size}px"
             try:
                 case = Case(preset, size, s["train_batch"], dev, s["base_channels"])
-            except Exception as e:  # a preset that cannot take these sizes is reported, not fatal
+            except Exception as e:  # noqa: BLE001  (a preset that cannot take these sizes is reported, not fatal)
                 notes.append(f"train {label}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
                 continue
             _progress(f"train {label} ({case.params:,} params)")
@@ -300,7 +303,7 @@ def bench_train(s: dict, dev: torch.device, memory: bool, notes: list) -> list[d
                     ddlab_step += got["ddlab"][1]
                     bare_step += got["bare"][1]
                     ratios.append(got["ddlab"][0] / got["bare"][0])
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001  (reported in the notes, not fatal)
                 notes.append(f"train {label}: failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
                 continue
             peak = {}
@@ -384,12 +387,12 @@ def bench_sampling(s: dict, dev: torch.device, notes: list) -> list[dict]:
         eta = 0.0 if kind == "ddim" else 1.0
         _progress(f"sampling {kind} {steps} steps, batch {b}")
 
-        def ddlab_fn(n_steps, scale):
+        def ddlab_fn(n_steps, scale, kind=kind, eta=eta):
             sampler = Sampler(kind=kind, steps=n_steps, eta=eta, spacing="trailing", clip_x0=True, guidance_scale=scale, progress=False)
             g = torch.Generator(device=dev).manual_seed(0)
             return sampler.sample(model, diffusion, shape, y=y, generator=g)
 
-        def diff_fn(n_steps, scale):
+        def diff_fn(n_steps, scale, kind=kind):
             g = torch.Generator(device=dev).manual_seed(0)
             return diffusers_loop(model, cfg.scheduler, kind, n_steps, shape, y, scale, g, dev)
 
@@ -432,7 +435,7 @@ def bench_data(s: dict, dev: torch.device, notes: list) -> list[dict]:
                 dm.prepare_data()
                 dm.setup("fit")
                 break
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001  (reported in the notes, not fatal)
                 dm = None
                 errors.append(f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
         if dm is None:
@@ -467,7 +470,7 @@ def bench_data(s: dict, dev: torch.device, notes: list) -> list[dict]:
                         num_classes=int(dm.num_classes), extra=tuple(extra[:1]) + tuple(extra[len(base):]))
             w, st = max(1, s["warmup"]), max(2, s["steps"])
             consumed = stats(throughput(run_lightning(case, w, st), w, dm.batch_size)[0] for _ in range(max(1, s["repeats"] - 1)))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  (reported in the notes, not fatal)
             notes.append(f"data {name}: training consumption not measured ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         rows.append({
             "data": name, "overrides": extra, "batch_size": dm.batch_size, "num_workers": dm.num_workers, "image_shape": [dm.channels, dm.image_size, dm.image_size],
@@ -488,7 +491,7 @@ def bench_scaling(s: dict, dev: torch.device, notes: list) -> list[dict]:
             per = []
             for _ in range(s["repeats"]):
                 per += throughput(run_bare(case, s["warmup"], s["steps"], **kw), s["warmup"], batch)[1]
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  (reported in the notes, not fatal)
             notes.append(f"scaling {axis} {variant} {size}px b{batch}: failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
             return None
         st = stats(1000 * v for v in per)
@@ -533,7 +536,7 @@ def bench_presets(s: dict, notes: list):
     _progress("presets: benchmarks.presets.run_presets(image_size=32, batch_size=8)")
     try:
         return run_presets(image_size=32, batch_size=8, repeats=s["repeats"])
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  (reported in the notes, not fatal)
         notes.append(f"presets: run_presets failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         return None
 
@@ -543,22 +546,22 @@ def markdown(result: dict) -> str:
     m, st = result["machine"], result["settings"]
     mem_note = ("peak `torch.cuda.max_memory_allocated`" if m["device"].startswith("cuda") else
                 "CPU: growth of max RSS over the RSS before the first step, fresh subprocess per case (3 steps)")
-    lines = [f"Machine: `{m['host']}`, {m['processor']}, {m['cpu_count']} cores ({m['torch_threads']} torch threads), "
-             f"torch {m['torch']}, lightning {m['lightning']}, device {m['device']}. "
-             f"Median [min-max] of {st['repeats']} repeats after warm-up.", ""]
+    lines = [(f"Machine: `{m['host']}`, {m['processor']}, {m['cpu_count']} cores ({m['torch_threads']} torch threads), "
+              f"torch {m['torch']}, lightning {m['lightning']}, device {m['device']}. "
+              f"Median [min-max] of {st['repeats']} repeats after warm-up."), ""]
     if result["train"]:
-        lines += [f"**Training** (batch {st['train_batch']}, {st['steps']} timed steps after {st['warmup']} warm-up, RGB, "
-                  f"{'model.base_channels=' + str(st['base_channels']) if st['base_channels'] else 'full presets'}; memory: {mem_note})", "",
+        lines += [(f"**Training** (batch {st['train_batch']}, {st['steps']} timed steps after {st['warmup']} warm-up, RGB, "
+                  f"{'model.base_channels=' + str(st['base_channels']) if st['base_channels'] else 'full presets'}; memory: {mem_note})"), "",
                   "| preset | px | params | ddlab img/s | bare img/s | ddlab / bare | ddlab MiB | bare MiB |", "|---|---|---|---|---|---|---|---|"]
         for r in result["train"]:
-            mm = lambda v: "n/a" if v is None else f"{v:.0f}"  # noqa: E731
+            mm = lambda v: "n/a" if v is None else f"{v:.0f}"
             lines.append(f"| {r['preset']} | {r['image_size']} | {r['params']:,} | {fmt(r['ddlab_images_per_s'])} | {fmt(r['bare_images_per_s'])} "
                          f"| {fmt(r['ratio'], 3)} | {mm(r['ddlab_peak_memory_mb'])} | {mm(r['bare_peak_memory_mb'])} |")
         lines.append("")
     if result["sampling"]:
         r0 = result["sampling"][0]
-        lines += [f"**Sampling** (batch {r0['batch_size']}, image {tuple(r0['image_shape'])}, {' '.join(r0['model_overrides']) or 'default model'}; "
-                  "ratio = ddlab img/s / diffusers img/s; guidance cost = time with / without guidance)", "",
+        lines += [(f"**Sampling** (batch {r0['batch_size']}, image {tuple(r0['image_shape'])}, {' '.join(r0['model_overrides']) or 'default model'}; "
+                  "ratio = ddlab img/s / diffusers img/s; guidance cost = time with / without guidance)"), "",
                   "| sampler | steps | guidance | ddlab img/s | diffusers img/s | ddlab / diffusers | guidance cost |", "|---|---|---|---|---|---|---|"]
         for r in result["sampling"]:
             gc = fmt(r["guidance_cost"], 2) if r["guidance_scale"] != 1.0 else "-"
