@@ -86,13 +86,30 @@ def guarded(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     if mode not in ON_ERROR:
         raise ValueError(f"on_error={mode!r}: choose from {', '.join(ON_ERROR)}")
     try:
-        return fn(cfg)
+        value = fn(cfg)
+        name = cfg.get("optimized_metric")
+        if value is None and name and _optimizing_sweep():
+            raise ValueError(f"optimized_metric={name} was not logged by this run, so the sweeper gets no value; "
+                             f"pick a metric the run logs (see its metrics.json), e.g. optimized_metric=val/mse, "
+                             f"or make sure it is computed (val/fid needs eval.every_n_epochs > 0)")
+        return value
     except Exception as e:
         if mode == "raise":
             raise
         log.error("job failed (%s: %s); on_error=%s so it returns %s\n%s", type(e).__name__, e, mode,
                   ON_ERROR[mode], traceback.format_exc())
         return ON_ERROR[mode]
+
+
+def _optimizing_sweep() -> bool:
+    """True in a multirun whose sweeper optimises the returned value (anything but the basic grid)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return False
+    hc = HydraConfig.get()
+    return hc.mode == RunMode.MULTIRUN and "BasicSweeper" not in str(hc.sweeper.get("_target_", ""))
 
 
 # ---------------------------------------------------------------------------------- sweep summary
@@ -125,9 +142,11 @@ def collect(sweep_dir: str | os.PathLike) -> list[dict[str, Any]]:
         row["return_value"] = info.get("return_value")
         if info.get("error"):
             row["error"] = info["error"]
-        mf = job_dir / "metrics.json"
-        if mf.is_file():
-            row.update(json.loads(mf.read_text()))
+        for name in ("metrics.json", "fid.json"):  # ddlab.train / ddlab.fid results
+            mf = job_dir / name
+            if mf.is_file():
+                data = json.loads(mf.read_text())
+                row.update({k: v for k, v in data.items() if isinstance(v, (int, float, str, bool)) or v is None})
         rows.append(row)
     rows.sort(key=lambda r: [int(p) if p.isdigit() else p for p in r["job"].split(os.sep)])
     return rows
@@ -156,9 +175,15 @@ def write_summary(sweep_dir: str | os.PathLike, columns: Optional[Sequence[str]]
     w.writeheader()
     w.writerows(rows)
     _atomic_write(root / "summary.csv", s.getvalue())
+    # the markdown table shows only the overrides that differ between jobs (the swept ones)
+    split = [r["overrides"].split() for r in rows]
+    common = set.intersection(*(set(o) for o in split)) if len(rows) > 1 else set()
+    md_rows = [{**r, "overrides": " ".join(o for o in ov if o not in common)} for r, ov in zip(rows, split)]
     md_cols = fixed + [c for c in (columns or keys) if any(c in r for r in rows)]
     lines = ["| " + " | ".join(md_cols) + " |", "|" + "---|" * len(md_cols)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in md_cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in md_cols) + " |" for r in md_rows]
+    if common:
+        lines += ["", "Common to every job: `" + " ".join(o for o in split[0] if o in common) + "`"]
     _atomic_write(root / "summary.md", "\n".join(lines) + "\n")
     return rows
 
