@@ -88,3 +88,14 @@ def test_failed_optuna_trial_is_reported_not_fatal(tmp_path):
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_value"] == float("inf")
     assert json.loads((sweep / "0" / "job_return.json").read_text())["return_value"] == "inf"
+
+
+def test_overrides_are_typed_and_the_commit_is_recorded():
+    from ddlab.sweep import git_commit, parse_overrides
+
+    typed = parse_overrides(["model=unet_res", "module.lr=1e-3", "model.channel_mult=[1,2]", "seed=0", "ckpt_path=null",
+                             "+foo.bar=true"])
+    assert typed == {"model": "unet_res", "module.lr": 0.001, "model.channel_mult": [1, 2], "seed": 0, "ckpt_path": None,
+                     "+foo.bar": True}
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert git_commit().split("-")[0] == head
