@@ -99,3 +99,16 @@ def test_overrides_are_typed_and_the_commit_is_recorded():
                      "+foo.bar": True}
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert git_commit().split("-")[0] == head
+
+
+def test_slurm_launcher_config_composes():
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        c = compose(config_name="train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+                    return_hydra_config=True)
+    assert c.hydra.launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert c.hydra.launcher.partition == "gpu" and c.hydra.launcher.gpus_per_node == 1
+    assert c.hydra.callbacks.sweep_summary._target_ == "ddlab.sweep.SweepSummary"
