@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import hydra
 import numpy as np
@@ -31,7 +31,7 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _data_config(cfg: DictConfig, run_cfg: Optional[dict]) -> Optional[dict]:
+def _data_config(cfg: DictConfig, run_cfg: dict | None) -> dict | None:
     """The reference data config: ``data=...`` if given, else the training run's, with ``reference.*`` applied."""
     if cfg.get("data") is not None:
         data = OmegaConf.to_container(cfg.data, resolve=True)
@@ -73,8 +73,8 @@ def bits_per_dim(model, diffusion, datamodule, n: int, batch_size: int, seed: in
         x = torch.stack([a for a, _ in items]).to(device)
         y = torch.as_tensor([int(b) for _, b in items], device=device) if conditional else None
         out = diffusion.calc_bpd_loop(lambda x_t, t, y_: model(x_t, t, y_), x, y=y, clip_x0=True, progress=False)
-        for k in totals:
-            totals[k].append(out[k].double().cpu())
+        for k, acc in totals.items():
+            acc.append(out[k].double().cpu())
     res = {k: float(torch.cat(v).mean()) for k, v in totals.items()}
     return {"bpd": res["total_bpd"], "bpd_prior": res["prior_bpd"], "bpd_decoder": res["decoder_bpd"], "bpd_n": n,
             "bpd_conditional": conditional}
@@ -152,7 +152,7 @@ def _save_grid(images: np.ndarray, path: Path) -> None:
     from torchvision.utils import save_image
 
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-    save_image(x, path, nrow=int(math.ceil(math.sqrt(len(x)))), padding=2)
+    save_image(x, path, nrow=math.ceil(math.sqrt(len(x))), padding=2)
 
 
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="fid")

@@ -61,7 +61,7 @@ def test_fid_cli_on_checkpoint_then_on_its_npz(tmp_path, inception_weights):
     cmd = [sys.executable, "-m", "ddlab.fid", f"ckpt={ckpt}", "n=6", "batch_size=4", "sampler.steps=2", "sampler.guidance_scale=1.5",
            f"fid.weights_path={inception_weights}", f"fid.cache_dir={cache}", "fid.kid_subsets=3", "fid.prc=true", "reference.limit=8",
            "bpd.n=2", "progress=false", "torch_threads=2", f"hydra.run.dir={out}"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "fid=" in r.stdout
     rec = json.loads((out / "fid.json").read_text())

@@ -84,7 +84,7 @@ def test_fid_in_training_ddp_gloo(tmp_path, inception_weights):
     cmd = [sys.executable, "-m", "ddlab.train", *TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
            "trainer.max_epochs=1", "data.limit=64", f"eval.weights_path={inception_weights}", f"eval.cache_dir={cache}",
            "eval.num_samples=9", "logger=csv", f"hydra.run.dir={run}", "torch_threads=1"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-4000:]
     rows = _metrics_rows(run)
     assert len(rows) == 1 and math.isfinite(float(rows[0]["val/fid"]))

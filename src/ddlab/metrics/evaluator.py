@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,9 +44,9 @@ class Evaluator:
         kid, isc, prc: also compute KID, Inception Score, precision/recall.
     """
 
-    def __init__(self, data_cfg: Optional[Mapping[str, Any]], datamodule=None, cache_dir: str | os.PathLike = "fid_stats",
-                 weights_path: Optional[str] = None, device: str | torch.device = "cpu", batch_size: int = 64,
-                 split: str = "val", stats_path: Optional[str] = None, kid: bool = False, isc: bool = True, prc: bool = False,
+    def __init__(self, data_cfg: Mapping[str, Any] | None, datamodule=None, cache_dir: str | os.PathLike = "fid_stats",
+                 weights_path: str | None = None, device: str | torch.device = "cpu", batch_size: int = 64,
+                 split: str = "val", stats_path: str | None = None, kid: bool = False, isc: bool = True, prc: bool = False,
                  kid_subsets: int = 100, kid_subset_size: int = 1000, progress: bool = True, key_prefix: str = "fid"):
         if datamodule is None and stats_path is None:
             raise ValueError(f"{key_prefix}: give a data set (data=...) or a reference statistics file ({key_prefix}.reference_stats=...)")
@@ -58,7 +59,7 @@ class Evaluator:
         self.kid_subsets, self.kid_subset_size = int(kid_subsets), int(kid_subset_size)
         self.progress = progress
         self.features = InceptionFeatures(weights_path, device=device, batch_size=batch_size, key=f"{key_prefix}.weights_path")
-        self._ref: Optional[ReferenceStats] = None
+        self._ref: ReferenceStats | None = None
 
     def reference(self) -> ReferenceStats:
         if self._ref is not None:
@@ -81,7 +82,7 @@ class Evaluator:
         self._ref = reference_stats(key, self.cache_dir, compute, need_features=need)
         return self._ref
 
-    def evaluate(self, images, features: Optional[dict] = None) -> dict:
+    def evaluate(self, images, features: dict | None = None) -> dict:
         """Scores of ``images`` (uint8, ``(N, H, W, C)`` or ``(N, C, H, W)``, N >= 2) plus the reference used."""
         ref = self.reference()
         if features is None:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 from torch import nn
 
 
-def balanced_labels(n: int, num_classes: int, generator: Optional[torch.Generator] = None) -> Optional[torch.Tensor]:
+def balanced_labels(n: int, num_classes: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
     """``(n,)`` int64 labels with every class ``n // K`` or ``n // K + 1`` times, in random order;
     ``None`` for unconditional models (``num_classes == 0``)."""
     if num_classes <= 0:
@@ -18,8 +16,8 @@ def balanced_labels(n: int, num_classes: int, generator: Optional[torch.Generato
 
 
 @torch.no_grad()
-def generate_uint8(model: nn.Module, diffusion, sampler, n: int, batch_size: int, labels: Optional[torch.Tensor] = None,
-                   guidance_scale: Optional[float] = None, seed: int = 0, progress: bool = True,
+def generate_uint8(model: nn.Module, diffusion, sampler, n: int, batch_size: int, labels: torch.Tensor | None = None,
+                   guidance_scale: float | None = None, seed: int = 0, progress: bool = True,
                    desc: str = "sampling") -> np.ndarray:
     """``n`` samples of ``model`` as ``(n, H, W, C)`` uint8, drawn in batches of ``batch_size`` with
     ``sampler`` (a :class:`ddlab.diffusion.Sampler`); batch ``i`` uses noise from ``seed + i``.

@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence
 from unittest import mock
 
 import numpy as np
@@ -42,7 +42,7 @@ def _online(host: str = "github.com", timeout: float = 3.0) -> bool:
         return False
 
 
-def resolve_weights(weights_path: Optional[str | os.PathLike] = None, key: str = "fid.weights_path") -> Path:
+def resolve_weights(weights_path: str | os.PathLike | None = None, key: str = "fid.weights_path") -> Path:
     """The Inception weights file to use; downloads with torch-fidelity's URL when none is given.
 
     Raises ``FileNotFoundError`` naming ``key`` when a given path does not exist, and
@@ -115,7 +115,7 @@ class InceptionFeatures:
     ``name`` (``inception-v3-compat-<hash>``) identifies the network and its weights.
     """
 
-    def __init__(self, weights_path: Optional[str | os.PathLike] = None, device: str | torch.device = "cpu",
+    def __init__(self, weights_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                  batch_size: int = 64, key: str = "fid.weights_path"):
         from torch_fidelity.utils import create_feature_extractor
 

@@ -14,9 +14,10 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 import numpy as np
 
@@ -52,8 +53,8 @@ class ReferenceStats:
     mu: np.ndarray                    # (D,) float64
     sigma: np.ndarray                 # (D, D) float64
     num_images: int
-    features: Optional[np.ndarray]    # (N, D) float32 or None
-    path: Optional[Path]
+    features: np.ndarray | None    # (N, D) float32 or None
+    path: Path | None
     status: str                       # hit | miss | stale | corrupt | no-features | given
 
     def describe(self) -> dict:
@@ -62,8 +63,8 @@ class ReferenceStats:
 
 def features_to_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean ``(D,)`` and unbiased covariance ``(D, D)`` in float64 of ``(N, D)`` features (N >= 2)."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics
     import torch
+    from torch_fidelity.metric_fid import fid_features_to_statistics
 
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
@@ -72,18 +73,18 @@ def features_to_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(st["mu"], dtype=np.float64), np.asarray(st["sigma"], dtype=np.float64)
 
 
-def save_stats(path: Path, key: str, mu: np.ndarray, sigma: np.ndarray, num_images: int, features: Optional[np.ndarray] = None) -> None:
+def save_stats(path: Path, key: str, mu: np.ndarray, sigma: np.ndarray, num_images: int, features: np.ndarray | None = None) -> None:
     """Write the statistics atomically (``<path>.tmp.npz`` then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-    arrays = dict(key=np.array(key), mu=mu, sigma=sigma, num_images=np.array(int(num_images)))
+    arrays = {"key": np.array(key), "mu": mu, "sigma": sigma, "num_images": np.array(int(num_images))}
     if features is not None:
         arrays["features"] = np.asarray(features, dtype=np.float32)
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
 
 
-def load_stats(path: str | os.PathLike, expected_key: Optional[str] = None) -> ReferenceStats:
+def load_stats(path: str | os.PathLike, expected_key: str | None = None) -> ReferenceStats:
     """Read a statistics file; raises ``ValueError`` on a corrupt file or a key mismatch."""
     p = Path(path)
     try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -46,7 +45,7 @@ def load_samples(path: str | os.PathLike, key: str = "samples") -> np.ndarray:
     raise FileNotFoundError(f"{key}={p}: no such .npz file or image folder")
 
 
-def save_samples_npz(path: str | os.PathLike, images: np.ndarray, labels: Optional[np.ndarray] = None) -> Path:
+def save_samples_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None = None) -> Path:
     """Write ``arr_0`` (uint8 NHWC) and, when given, ``arr_1`` (labels) — the OpenAI evaluator layout."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

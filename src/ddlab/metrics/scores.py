@@ -69,9 +69,8 @@ def compute_scores(gen: dict, ref: ReferenceStats, fid: bool = True, kid_: bool 
     if fid:
         mu, sigma = features_to_stats(g)
         out["fid"] = frechet_distance(mu, sigma, ref.mu, ref.sigma)
-    if kid_ or prc:
-        if ref.features is None:
-            raise ValueError(f"KID / precision-recall need the reference features, which {ref.path} does not hold")
+    if (kid_ or prc) and ref.features is None:
+        raise ValueError(f"KID / precision-recall need the reference features, which {ref.path} does not hold")
     if kid_:
         out.update(kid(g, ref.features, kid_subsets, kid_subset_size))
     if isc:

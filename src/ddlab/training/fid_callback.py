@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Optional
 
 import lightning.pytorch as pl
 import numpy as np
@@ -26,9 +25,9 @@ class FIDCallback(Callback):
     Runs after validation, so it needs the validation loop (``trainer.limit_val_batches > 0``).
     """
 
-    def __init__(self, every_n_epochs: int = 0, num_samples: int = 1000, steps: Optional[int] = 50,
-                 guidance_scale: Optional[float] = None, batch_size: int = 250, dirpath: Optional[str] = None,
-                 cache_dir: str = "logs/fid_stats", weights_path: Optional[str] = None, feature_batch_size: int = 64,
+    def __init__(self, every_n_epochs: int = 0, num_samples: int = 1000, steps: int | None = 50,
+                 guidance_scale: float | None = None, batch_size: int = 250, dirpath: str | None = None,
+                 cache_dir: str = "logs/fid_stats", weights_path: str | None = None, feature_batch_size: int = 64,
                  kid: bool = False, isc: bool = False, seed: int = 0, progress: bool = False):
         if every_n_epochs < 0:
             raise ValueError(f"eval.every_n_epochs must be >= 0 (0 = off), got {every_n_epochs}")
@@ -97,7 +96,7 @@ class FIDCallback(Callback):
         for k, v in extra.items():  # rank 0 only
             pl_module.log(f"val/{k}", float(v), on_epoch=True, rank_zero_only=True)
 
-    def sample_all_ranks(self, trainer, pl_module) -> Optional[np.ndarray]:
+    def sample_all_ranks(self, trainer, pl_module) -> np.ndarray | None:
         """Every rank samples its share; returns ``(num_samples, H, W, C)`` uint8 on rank 0 (None elsewhere)."""
         from ddlab.diffusion import Sampler
         from ddlab.metrics.generate import balanced_labels, generate_uint8
@@ -132,4 +131,4 @@ class FIDCallback(Callback):
 
         self.dirpath.mkdir(parents=True, exist_ok=True)
         x = torch.from_numpy(images[:100]).permute(0, 3, 1, 2).float() / 255.0
-        save_image(x, self.dirpath / f"epoch_{epoch:04d}.png", nrow=int(math.ceil(math.sqrt(len(x)))), padding=2)
+        save_image(x, self.dirpath / f"epoch_{epoch:04d}.png", nrow=math.ceil(math.sqrt(len(x))), padding=2)
