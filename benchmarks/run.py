@@ -682,14 +682,26 @@ def main(argv=None) -> dict:
     result = {"schema": SCHEMA, "started": started.isoformat(timespec="seconds"), "machine": machine_info(dev),
               "settings": {**s, "sections": sorted(sections)}, "train": [], "sampling": [], "data": [], "scaling": [],
               "presets": None, "notes": notes}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{result['machine']['host']}-{started:%Y-%m-%d}.json"
+
+    def save():  # after every section, so an interrupted run keeps what it measured
+        result["wall_s"] = (_dt.datetime.now() - started).total_seconds()
+        path.write_text(json.dumps(result, indent=1, default=str))
+
     if "train" in sections:
         result["train"] = bench_train(s, dev, memory=not args.no_memory, notes=notes)
+        save()
     if "sampling" in sections:
         result["sampling"] = bench_sampling(s, dev, notes)
+        save()
     if "data" in sections:
         result["data"] = bench_data(s, dev, notes)
+        save()
     if "scaling" in sections:
         result["scaling"] = bench_scaling(s, dev, notes)
+        save()
     if "presets" in sections:
         if args.quick:
             notes.append("presets: run_presets is not called under --quick")
@@ -699,13 +711,9 @@ def main(argv=None) -> dict:
         result["machine"]["load_average_at_end"] = list(os.getloadavg())
     except OSError:
         pass
-    result["wall_s"] = (_dt.datetime.now() - started).total_seconds()
     if not _finite({k: result[k] for k in ("train", "sampling", "data", "scaling")}):
         notes.append("some measurements are not finite")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{result['machine']['host']}-{started:%Y-%m-%d}.json"
-    path.write_text(json.dumps(result, indent=1, default=str))
+    save()
     print(markdown(result))
     print(f"\nwritten: {path}")
     return result
