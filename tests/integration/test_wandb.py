@@ -3,6 +3,7 @@ resume continues the same run; a failing fit still closes the run (marked failed
 
 import json
 import struct
+import time
 
 import pytest
 import torch
@@ -48,9 +49,25 @@ def wandb_records(run_file):
     return out
 
 
-def read_run(out_dir):
+def read_run(out_dir, wait_s=60.0):
     """{'run_id', 'group', 'tags', 'config', 'history' (list of dicts), 'exit_code', 'images'} of the
-    single offline run under ``out_dir``."""
+    single offline run under ``out_dir``. W&B's service process writes the file asynchronously and
+    may still be flushing it when ``wandb.finish`` returns: wait for the exit record."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            run = _read_run(out_dir)
+            if run["exit_code"] is not None and "run_id" in run:
+                return run
+        except Exception:  # a record still being written
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            return run
+        time.sleep(0.5)
+
+
+def _read_run(out_dir):
     (run_dir,) = sorted((out_dir / "wandb").glob("offline-run-*"))
     (run_file,) = run_dir.glob("run-*.wandb")
     run = {"config": {}, "history": [], "exit_code": None, "dir": run_dir}
