@@ -10,13 +10,13 @@ Blocks register themselves in ``BLOCKS`` under the name used in ``model.blocks``
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-BLOCKS: Dict[str, Callable[..., nn.Module]] = {}
+BLOCKS: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_block(name: str):
@@ -71,7 +71,7 @@ class ResBlock(nn.Module):
         emb_dim: int,
         dropout: float = 0.0,
         use_scale_shift_norm: bool = True,
-        updown: Optional[str] = None,
+        updown: str | None = None,
         **_,
     ):
         super().__init__()
@@ -92,7 +92,7 @@ class ResBlock(nn.Module):
             return F.interpolate(x, scale_factor=2.0, mode="nearest")
         return x
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, cls: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, cls: torch.Tensor | None = None) -> torch.Tensor:
         if self.updown is None:
             h = self.in_layers(x)
         else:
@@ -158,7 +158,7 @@ class ConvNeXtBlock(nn.Module):
         self.pw2 = zero_module(nn.Conv2d(hidden, out_channels, 1))
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, cls: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, cls: torch.Tensor | None = None) -> torch.Tensor:
         h = self.norm(self.dwconv(x))
         e = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
         if self.use_scale_shift_norm:
@@ -170,7 +170,7 @@ class ConvNeXtBlock(nn.Module):
         return self.skip(x) + h
 
 
-def resolve_heads(channels: int, num_heads: int = 4, head_channels: Optional[int] = None) -> int:
+def resolve_heads(channels: int, num_heads: int = 4, head_channels: int | None = None) -> int:
     """Number of attention heads for ``channels``: ``channels // head_channels`` when
     ``head_channels`` is set (ADM), else ``num_heads``. Raises naming the key that does not divide."""
     if head_channels is not None:
@@ -219,7 +219,7 @@ class WindowSelfAttention(nn.Module):
     covering the whole map (global attention, as in ADM). Returns the *update*
     ``(B, C, H, W)`` (zero at initialisation), not ``x + update``."""
 
-    def __init__(self, channels: int, resolution: int, window_size: Optional[int] = 8, num_heads: int = 4, head_channels: Optional[int] = None):
+    def __init__(self, channels: int, resolution: int, window_size: int | None = 8, num_heads: int = 4, head_channels: int | None = None):
         super().__init__()
         if window_size is not None and window_size < 1:
             raise ValueError(f"model.window_size must be a positive integer or null (global), got {window_size}")
@@ -253,13 +253,13 @@ class AttentionBlock(nn.Module):
     ``(B, C, H, W) -> (B, C, H, W)``. Keys: ``window_size`` (null = global), ``num_heads`` or
     ``head_channels``. Time and class embeddings are not used."""
 
-    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, resolution: int = 0, window_size: Optional[int] = 8, num_heads: int = 4, head_channels: Optional[int] = None, **_):
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, resolution: int = 0, window_size: int | None = 8, num_heads: int = 4, head_channels: int | None = None, **_):
         super().__init__()
         if in_channels != out_channels:
             raise ValueError("model.blocks: 'atn' keeps the channel count; put 'res' or 'conv' first in the list")
         self.attn = WindowSelfAttention(in_channels, resolution, window_size, num_heads, head_channels)
 
-    def forward(self, x: torch.Tensor, emb: Optional[torch.Tensor] = None, cls: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None, cls: torch.Tensor | None = None) -> torch.Tensor:
         return x + self.attn(x)
 
 
@@ -282,9 +282,9 @@ class ClassAttentionBlock(nn.Module):
         out_channels: int,
         emb_dim: int,
         resolution: int = 0,
-        window_size: Optional[int] = 8,
+        window_size: int | None = 8,
         num_heads: int = 4,
-        head_channels: Optional[int] = None,
+        head_channels: int | None = None,
         class_tokens: int = 4,
         **_,
     ):
@@ -312,7 +312,7 @@ class ClassAttentionBlock(nn.Module):
         out = attention(q, kv[0], kv[1])  # (B, heads, HW, d)
         return self.cross_proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
-    def forward(self, x: torch.Tensor, emb: Optional[torch.Tensor] = None, cls: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None, cls: torch.Tensor | None = None) -> torch.Tensor:
         out = x + self.self_attn(x)
         if cls is not None:
             out = out + self.cross(x, cls)
@@ -340,7 +340,7 @@ class ChannelAttentionBlock(nn.Module):
         k = eca_kernel_size(in_channels)
         self.conv = zero_module(nn.Conv1d(1, 1, k, padding=k // 2, bias=False))
 
-    def forward(self, x: torch.Tensor, emb: Optional[torch.Tensor] = None, cls: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None, cls: torch.Tensor | None = None) -> torch.Tensor:
         pooled = x.float().mean(dim=(2, 3))[:, None, :]  # (B, 1, C)
         gate = 2.0 * torch.sigmoid(self.conv(pooled.to(self.conv.weight.dtype)))[:, 0, :, None, None]
         return x * gate.to(x.dtype)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -52,7 +51,7 @@ class ClassEmbedding(nn.Module):
         self.num_classes = num_classes
         self.embed = nn.Embedding(num_classes + 1, emb_dim, padding_idx=num_classes)
 
-    def forward(self, y: Optional[torch.Tensor], batch_size: int, device) -> torch.Tensor:
+    def forward(self, y: torch.Tensor | None, batch_size: int, device) -> torch.Tensor:
         if y is None:
             y = torch.full((batch_size,), self.num_classes, device=device, dtype=torch.long)
         return self.embed(y)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -72,14 +72,14 @@ class UNet(nn.Module):
         self,
         image_size: int = 32,
         in_channels: int = 3,
-        out_channels: Optional[int] = None,
+        out_channels: int | None = None,
         base_channels: int = 64,
         channel_mult: Sequence[int] = (1, 2, 2),
         blocks: Sequence[str] = ("res",),
         num_blocks: int = 1,
         num_classes: int = 0,
         dropout: float = 0.0,
-        attention_resolutions: Optional[Sequence[int]] = None,
+        attention_resolutions: Sequence[int] | None = None,
         use_scale_shift_norm: bool = True,
         resblock_updown: bool = False,
         gradient_checkpointing: bool = False,
@@ -184,7 +184,7 @@ class UNet(nn.Module):
                 f"or set model.pad_input=true"
             )
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"UNet built for (B, {self.in_channels}, {self.image_size}, {self.image_size}) inputs, got {tuple(x.shape)}"
