@@ -53,7 +53,7 @@ def read_run(out_dir, wait_s=60.0):
     """{'run_id', 'group', 'tags', 'config', 'history' (list of dicts), 'exit_code', 'images'} of the
     single offline run under ``out_dir``. W&B's service process writes the file asynchronously and
     may still be flushing it when ``wandb.finish`` returns: wait for the exit record."""
-    deadline = time.monotonic() + wait_s
+    deadline, run = time.monotonic() + wait_s, None
     while True:
         try:
             run = _read_run(out_dir)
@@ -62,7 +62,7 @@ def read_run(out_dir, wait_s=60.0):
         except Exception:  # a record still being written
             if time.monotonic() > deadline:
                 raise
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline and run is not None:
             return run
         time.sleep(0.5)
 
