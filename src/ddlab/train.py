@@ -15,6 +15,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ddlab import config as _config  # noqa: F401  (registers resolvers)
+from ddlab import sweep
+from ddlab.training import wandb_utils
 
 log = logging.getLogger("ddlab.train")
 
@@ -45,6 +47,28 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"model.in_channels={m.in_channels} but data.channels={d.channels}; they must match")
 
 
+# model keys that change only speed or memory, not the weights' shapes or meaning
+_RUNTIME_MODEL_KEYS = {"gradient_checkpointing", "channels_last", "compile", "dropout"}
+
+
+def check_resume_checkpoint(path: str, resolved: dict) -> None:
+    """Fail before any compute if ``ckpt_path`` is missing, unreadable, or was trained with another
+    model or diffusion config than the one composed now."""
+    from ddlab.checkpoint import read_checkpoint, run_config
+
+    ck = read_checkpoint(path)
+    old = run_config(ck, path)
+    for section, ignore in (("model", _RUNTIME_MODEL_KEYS), ("scheduler", {"loss", "vlb_weight", "min_snr_gamma"})):
+        a, b = old.get(section, {}), resolved.get(section, {})
+        diff = sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
+        if diff:
+            detail = ", ".join(f"{section}.{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in diff)
+            raise ValueError(
+                f"ckpt_path={path} was trained with another {section} config ({detail}); resume with the same "
+                f"{section} options (see the run's .hydra/config.yaml) or start a new run without ckpt_path"
+            )
+
+
 def train(cfg: DictConfig) -> Optional[float]:
     """Build everything from ``cfg`` and fit. Returns the value of ``cfg.optimized_metric``."""
     import lightning.pytorch as pl
@@ -62,37 +86,55 @@ def train(cfg: DictConfig) -> Optional[float]:
     output_dir = Path(cfg.paths.output_dir) if HydraConfig.initialized() else Path(cfg.trainer.default_root_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None:
+        check_resume_checkpoint(ckpt_path, resolved)
+
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     diffusion = instantiate(cfg.scheduler)
     sampler = instantiate(cfg.sampler)
     module = instantiate(cfg.module, _partial_=True)(model=model, diffusion=diffusion, sampler=sampler, run_config=resolved)
     callbacks = instantiate_dict(cfg.get("callbacks"))
+    wandb_utils.set_resume_id(cfg.get("logger"), ckpt_path)  # resume continues the W&B run stored in the checkpoint
     loggers = instantiate_dict(cfg.get("logger"))
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
+    callbacks += wandb_utils.callbacks_for(loggers)
+    # Checkpoints come from ddlab's StepCheckpoint (and Lightning's ModelCheckpoint when configured);
+    # with neither, Lightning must not add its default ModelCheckpoint.
+    from lightning.pytorch.callbacks import Checkpoint
+
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
+    )
 
     n_params = count_parameters(model)
     log.info("model: %s parameters; diffusion: %s", f"{n_params['params/total']:,}", diffusion)
     for lg in trainer.loggers:
-        lg.log_hyperparams({**resolved, **n_params})
+        lg.log_hyperparams({**resolved, **n_params, **sweep.run_metadata()})
 
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path is not None and not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    exit_code = 1
+    try:  # W&B runs are closed (marked failed on an error) so the next job of a sweep starts clean
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-    metrics.update({"global_step": trainer.global_step, "epoch": trainer.current_epoch, **n_params})
-    if trainer.is_global_zero:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+        metrics.update({"global_step": trainer.global_step, "epoch": trainer.current_epoch, **n_params})
+        if trainer.is_global_zero:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        exit_code = 0
+    finally:
+        wandb_utils.finish(loggers, exit_code=exit_code)
     name = cfg.get("optimized_metric")
     return metrics.get(name) if name else None
 
 
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="train")
 def main(cfg: DictConfig) -> Any:
-    return train(cfg)
+    return sweep.guarded(train, cfg)  # on_error: raise | inf | nan
 
 
 if __name__ == "__main__":

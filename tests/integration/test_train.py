@@ -1,6 +1,5 @@
 """End-to-end training on the real MNIST files: fast_dev_run, checkpoints, resume."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -35,7 +34,7 @@ def test_fast_dev_run(tmp_path):
 @pytest.mark.slow
 def test_two_epochs_then_resume(tmp_path):
     run1 = tmp_path / "run1"
-    cfg = compose(TINY + ["trainer.max_epochs=2", "callbacks.model_checkpoint.every_n_train_steps=4"], output_dir=run1)
+    cfg = compose(TINY + ["trainer.max_epochs=2", "callbacks.checkpoint.every_n_steps=4"], output_dir=run1)
     train(cfg)
     last = run1 / "checkpoints" / "last.ckpt"
     assert last.is_file()

@@ -189,7 +189,7 @@ def _perturb_unet(m, seed=0):
     """Noise on every weight except the null-class row (fixed at zero by design)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for n, p in m.named_parameters():
+        for p in m.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         if m.class_embed is not None:
             m.class_embed.embed.weight[m.num_classes].zero_()

@@ -63,6 +63,8 @@ class GaussianDiffusion:
         betas: Optional[torch.Tensor] = None,
         timestep_map: Optional[torch.Tensor] = None,
     ):
+        if betas is None and (isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1):
+            raise ValueError(f"scheduler.num_timesteps must be a positive integer, got {num_timesteps!r}")
         self.schedule = schedule
         self.prediction = _choice("scheduler.prediction", prediction, PREDICTIONS)
         self.variance = _choice("scheduler.variance", variance, VARIANCES)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .gaussian import GaussianDiffusion
-from .respace import space_timesteps
+from .respace import SPACINGS, space_timesteps
 
 KINDS = ("ddpm", "ddim")
 
@@ -86,6 +86,12 @@ class Sampler:
             raise ValueError(f"sampler.eta must lie in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like), got {eta}")
         if guidance_scale < 0:
             raise ValueError(f"sampler.guidance_scale must be >= 0, got {guidance_scale}")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"sampler.steps must be an integer >= 1 (or null for every training step), got {steps!r}")
+        if step_size is not None and (isinstance(step_size, bool) or not isinstance(step_size, int) or step_size < 1):
+            raise ValueError(f"sampler.step_size must be a positive integer or null, got {step_size!r}")
+        if spacing not in SPACINGS:
+            raise ValueError(f"sampler.spacing: unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)}")
         self.kind = kind
         self.steps = steps
         self.eta = float(eta)
@@ -105,8 +111,8 @@ class Sampler:
     def sample(self, model: nn.Module, diffusion: GaussianDiffusion, shape, y=None, noise=None, generator=None, guidance_scale=None) -> torch.Tensor:
         """Draw samples ``(B, C, H, W)`` in [-1, 1] (clipped). ``y``: ``(B,)`` labels or None."""
         final = None
-        for final in self.progressive(model, diffusion, shape, y, noise, generator, guidance_scale):
-            pass
+        for state in self.progressive(model, diffusion, shape, y, noise, generator, guidance_scale):
+            final = state
         return final["x"].clamp(-1.0, 1.0)
 
     @torch.no_grad()

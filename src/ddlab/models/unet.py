@@ -145,7 +145,7 @@ class UNet(nn.Module):
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             out_ch = base_channels * mult
-            for i in range(num_blocks + 1):
+            for _ in range(num_blocks + 1):
                 self.up.append(Unit(names_at(res), ch + skip_channels.pop(), out_ch, emb_dim, res, **kw))
                 ch = out_ch
             if level > 0:

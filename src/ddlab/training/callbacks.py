@@ -9,7 +9,7 @@ from typing import Optional
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.utilities import rank_zero_only
 
 
@@ -145,3 +145,86 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
         except Exception as e:
             raise RuntimeError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}); use another file, e.g. an earlier step in the same folder") from e
+
+
+class RNGState(Callback):
+    """Saves and restores the global RNG states (python, numpy, torch CPU and CUDA) with the
+    checkpoint, for whatever randomness is not drawn from the per-step generator (e.g. dropout)."""
+
+    def state_dict(self) -> dict:
+        import random
+
+        import numpy as np
+
+        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        import random
+
+        import numpy as np
+
+        if not state:
+            return
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StepCheckpoint(Checkpoint):
+    """Checkpoints by optimizer step, written atomically (see :class:`AtomicCheckpointIO`).
+
+    A :class:`~lightning.pytorch.callbacks.Checkpoint`, so Lightning runs it after every other
+    callback: the saved state includes this step's EMA update.
+
+    Writes ``step_NNNNNN.ckpt`` every ``every_n_steps`` steps (keeping the newest ``keep``; ``-1``
+    keeps all, ``0`` none) and always refreshes ``last.ckpt``, also when training ends (max_steps,
+    max_time, or end of data). Nothing is written after an exception such as a non-finite loss, so
+    the last good checkpoint stays as it was.
+    """
+
+    def __init__(self, dirpath: str, every_n_steps: int = 500, keep: int = 2, save_last: bool = True):
+        if every_n_steps < 0:
+            raise ValueError(f"callbacks.checkpoint.every_n_steps must be >= 0, got {every_n_steps}")
+        self.dirpath = Path(dirpath)
+        self.every_n_steps = every_n_steps
+        self.keep = keep
+        self.save_last = save_last
+        self._last_step = -1
+
+    @property
+    def state_key(self) -> str:
+        return "StepCheckpoint"
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        if trainer.fast_dev_run or trainer.sanity_checking:
+            return
+        step = trainer.global_step
+        if step == self._last_step:
+            return
+        self._last_step = step
+        if self.every_n_steps and step % self.every_n_steps == 0 and self.keep != 0:
+            trainer.save_checkpoint(self.dirpath / f"step_{step:06d}.ckpt")
+            self._prune(trainer)
+        if self.save_last:
+            trainer.save_checkpoint(self.dirpath / "last.ckpt")
+
+    def _prune(self, trainer) -> None:
+        if self.keep < 0 or not trainer.is_global_zero:
+            return
+        files = sorted(self.dirpath.glob("step_*.ckpt"))
+        for f in files[: max(0, len(files) - self.keep)]:
+            f.unlink(missing_ok=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step > 0 and self.every_n_steps and step % self.every_n_steps == 0:
+            self._save(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step > 0:
+            self._save(trainer)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from typing import Any, Optional
 
@@ -64,25 +65,36 @@ class DiffusionModule(pl.LightningModule):
         self.num_classes = int(getattr(model, "num_classes", 0))
         self.timestep_sampler = make_timestep_sampler(timestep_sampler, diffusion.num_timesteps)
         self._t_last: Optional[float] = None
+        self.skipped_steps = 0
 
     # ------------------------------------------------------------------ training
     def forward(self, x, t, y=None):
         return self.model(x, t, y)
 
-    def drop_labels(self, y: torch.Tensor) -> Optional[torch.Tensor]:
+    def drop_labels(self, y: torch.Tensor, generator: Optional[torch.Generator] = None) -> Optional[torch.Tensor]:
         """Replace labels by the null class with probability ``p_uncond``; ``None`` for unconditional models."""
         if self.num_classes == 0:
             return None
         if self.hparams.p_uncond > 0:
-            drop = torch.rand(y.shape[0], device=y.device) < self.hparams.p_uncond
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+            u = torch.rand(y.shape[0], generator=generator).to(y.device)
+            y = torch.where(u < self.hparams.p_uncond, torch.full_like(y, self.num_classes), y)
         return y
+
+    def step_generator(self) -> torch.Generator:
+        """CPU generator seeded by (run seed, global step, rank): the randomness of a step (timesteps,
+        noise, dropped labels) is a pure function of where the step is, so a resumed run draws exactly
+        what an uninterrupted one would."""
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return torch.Generator().manual_seed((seed * 1_000_003 + self.global_step) * 4099 + self.global_rank)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        y = self.drop_labels(y)
-        t, weights = self.timestep_sampler.sample(x.shape[0], device=x.device)
-        terms = self.diffusion.training_losses(self.model, x, t, y)
+        g = self.step_generator()
+        y = self.drop_labels(y, g)
+        t, weights = self.timestep_sampler.sample(x.shape[0], generator=g)
+        t, weights = t.to(x.device), weights.to(x.device)
+        noise = torch.randn(x.shape, generator=g, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
+        terms = self.diffusion.training_losses(self.model, x, t, y, noise=noise)
         loss = (terms["loss"] * weights).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -123,6 +135,20 @@ class DiffusionModule(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._t_last = None
 
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # fp16 (16-mixed): the grad scaler skips optimizer steps whose gradients are not finite and
+        # halves its scale; count those steps so a user sees them.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return
+        scale = float(scaler.get_scale())
+        prev = getattr(self, "_last_scale", None)
+        if prev is not None and scale < prev:
+            self.skipped_steps += 1
+        self._last_scale = scale
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+        self.log("train/loss_scale", scale, on_step=True, on_epoch=False)
+
     # ------------------------------------------------------------------ validation: held-out denoising loss
     def validation_step(self, batch, batch_idx):
         x, y = batch
@@ -146,9 +172,11 @@ class DiffusionModule(pl.LightningModule):
     # ------------------------------------------------------------------ checkpoint extras
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
+        checkpoint["skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.timestep_sampler.load_state_dict(checkpoint.get("timestep_sampler", {}))
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()

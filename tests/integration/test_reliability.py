@@ -1,0 +1,204 @@
+"""Reliability: exact resume, SIGKILL, non-finite loss, atomic checkpoints, bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddlab.train import train
+from tests.conftest import ROOT, compose
+from tests.integration.test_train import TINY
+
+QUIET = TINY + [
+    "trainer.limit_val_batches=0",
+    "callbacks.sample_grid=null",
+    "callbacks.checkpoint.every_n_steps=4",
+]
+
+
+def weights(path):
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    return ck, {k: v for k, v in ck["state_dict"].items()}
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
+    full = tmp_path / "full"
+    train(compose(QUIET + ["trainer.max_epochs=4", "module.timestep_sampler=loss_aware"], output_dir=full))
+    part = tmp_path / "part"
+    train(compose(QUIET + ["trainer.max_epochs=2", "module.timestep_sampler=loss_aware"], output_dir=part))
+    resumed = tmp_path / "resumed"
+    train(compose(QUIET + ["trainer.max_epochs=4", "module.timestep_sampler=loss_aware", f"ckpt_path={part / 'checkpoints' / 'last.ckpt'}"], output_dir=resumed))
+    a, wa = weights(full / "checkpoints" / "last.ckpt")
+    b, wb = weights(resumed / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 16
+    assert wa.keys() == wb.keys()
+    for k in wa:  # live weights and EMA weights
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=k)
+    # optimizer moments, LR scheduler and the loss-aware sampler's history too
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        torch.testing.assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=0, atol=1e-9)
+    assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 16
+    torch.testing.assert_close(a["timestep_sampler"]["loss_history"], b["timestep_sampler"]["loss_history"])
+
+
+def _train_cmd(out: Path, *overrides):
+    return [sys.executable, "-m", "ddlab.train", f"hydra.run.dir={out}", "torch_threads=1", *TINY, *overrides]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_from_last(tmp_path):
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        _train_cmd(out, "trainer.max_steps=100000", "data.limit=512", "callbacks.checkpoint.every_n_steps=2", "callbacks.sample_grid=null", "trainer.limit_val_batches=0"),
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    last = out / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            if last.is_file():
+                ck = torch.load(last, map_location="cpu", weights_only=False)
+                if ck["global_step"] >= 6:
+                    break
+            time.sleep(0.5)
+        else:
+            pytest.fail("training never wrote a checkpoint at step >= 6")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    ck = torch.load(last, map_location="cpu", weights_only=False)  # still readable after the kill
+    step = ck["global_step"]
+    assert step >= 6 and step % 2 == 0
+    out2 = tmp_path / "resumed"
+    train(compose(TINY + [f"ckpt_path={last}", f"trainer.max_steps={step + 2}", "data.limit=512", "callbacks.sample_grid=null", "trainer.limit_val_batches=0"], output_dir=out2))
+    assert torch.load(out2 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == step + 2
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    from ddlab.diffusion import GaussianDiffusion
+
+    real = GaussianDiffusion.training_losses
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        terms = real(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 6:  # the 6th training step (global step 5) goes non-finite
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", poisoned)
+    cfg = compose(QUIET + ["trainer.max_steps=20", "callbacks.checkpoint.every_n_steps=2"], output_dir=tmp_path)
+    with pytest.raises(FloatingPointError, match="global step 5"):
+        train(cfg)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    ck = torch.load(last, map_location="cpu", weights_only=False)
+    assert ck["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_kill_during_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    from ddlab.training import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+
+    real_save = torch.save
+
+    def dies_midway(obj, f, *a, **k):
+        # serialise part of the checkpoint, then "die"
+        f.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt("killed during save")
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 2}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    ck = io.load_checkpoint(path)
+    assert ck["global_step"] == 1 and torch.equal(ck["state_dict"]["w"], torch.ones(3))
+
+    # killed after the new file is written but before it is renamed into place
+    def dies_before_rename(src, dst):
+        raise KeyboardInterrupt("killed before rename")
+
+    monkeypatch.setattr(os, "replace", dies_before_rename)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 3}, path)
+    monkeypatch.undo()
+    ck = io.load_checkpoint(path)
+    assert ck["global_step"] == 1 and torch.equal(ck["state_dict"]["w"], torch.ones(3))
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    bad = tmp_path / "last.ckpt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(RuntimeError, match=r"last.ckpt is corrupt or truncated"):
+        train(compose(TINY + [f"ckpt_path={bad}"], output_dir=tmp_path / "o"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train(compose(TINY + [f"ckpt_path={tmp_path / 'nope.ckpt'}"], output_dir=tmp_path / "o"))
+
+
+def test_checkpoint_from_another_model_config(tmp_path):
+    run = tmp_path / "a"
+    train(compose(QUIET + ["trainer.max_steps=2"], output_dir=run))
+    with pytest.raises(ValueError, match=r"model.base_channels: checkpoint 8 vs now 16"):
+        train(compose(QUIET + ["trainer.max_steps=4", "model.base_channels=16", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"], output_dir=tmp_path / "b"))
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("module.lr=-1", "module.lr must be positive"),
+        ("data.batch_size=0", "data.batch_size must be a positive integer"),
+        ("sampler.steps=0", "sampler.steps must be an integer"),
+        ("sampler.eta=1.5", r"sampler.eta must lie in \[0, 1\]"),
+        ("data.image_size=30 model.channel_mult=[1,2,2]", "image_size"),
+        ("model.num_classes=5", "model.num_classes=5 but data.num_classes=10"),
+        ("model.channel_mult=[1,2,2,2,2,2,2]", "channel_mult"),
+        ("scheduler.prediction=epsilon", "scheduler.prediction: unknown value 'epsilon'"),
+        ("scheduler.num_timesteps=0", "scheduler.num_timesteps must be a positive integer"),
+        ("data.limit=0", "data.limit must be a positive integer"),
+    ],
+)
+def test_bad_input_fails_early_naming_the_key(override, match, tmp_path):
+    cfg = compose(TINY + ["trainer.max_steps=1", *override.split()], output_dir=tmp_path)  # a missed check ends, not hangs
+    t0 = time.perf_counter()
+    with pytest.raises(Exception, match=match):
+        train(cfg)
+    assert time.perf_counter() - t0 < 20  # before any training compute
+
+
+def test_typo_in_key_is_rejected():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="base_chanels"):
+        compose(["model.base_chanels=8"])
+
+
+def test_empty_data_dir_is_named(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = compose(TINY + [f"paths.data_dir={empty}", "data.download=false"], output_dir=tmp_path / "o")
+    with pytest.raises(FileNotFoundError, match=f"MNIST not found in {empty}"):
+        train(cfg)
+
+
+def test_guidance_on_unconditional_model_is_clear():
+    from ddlab.diffusion import GaussianDiffusion, Sampler
+    from ddlab.models import UNet
+
+    m = UNet(image_size=8, in_channels=1, base_channels=8, channel_mult=(1,), num_classes=0)
+    with pytest.raises(ValueError, match="trained without labels"):
+        Sampler(steps=2, guidance_scale=3.0, progress=False).sample(m, GaussianDiffusion(num_timesteps=10), (1, 1, 8, 8), y=torch.tensor([1]))
