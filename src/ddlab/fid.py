@@ -86,7 +86,7 @@ def evaluate(cfg: DictConfig) -> dict:
     from hydra.utils import instantiate
 
     from ddlab.checkpoint import load_checkpoint
-    from ddlab.metrics import Evaluator, load_samples, save_samples_npz
+    from ddlab.metrics import Evaluator, load_sample_labels, load_samples, save_samples_npz
     from ddlab.metrics.generate import balanced_labels, generate_uint8
 
     if cfg.get("torch_threads"):
@@ -111,12 +111,14 @@ def evaluate(cfg: DictConfig) -> dict:
     evaluator = Evaluator(data_cfg, datamodule, cache_dir=cfg.fid.cache_dir, weights_path=cfg.fid.weights_path, device=device,
                           batch_size=int(cfg.fid.batch_size), stats_path=cfg.reference.stats, kid=bool(cfg.fid.kid),
                           isc=bool(cfg.fid.isc), prc=bool(cfg.fid.prc), kid_subsets=int(cfg.fid.kid_subsets),
-                          kid_subset_size=int(cfg.fid.kid_subset_size), progress=bool(cfg.progress))
+                          kid_subset_size=int(cfg.fid.kid_subset_size), progress=bool(cfg.progress),
+                          feature_extractor=str(cfg.fid.feature_extractor), classifier_path=cfg.fid.classifier_path)
     evaluator.reference()  # fail on missing data / weights before sampling for an hour
 
     t0 = time.perf_counter()
     if cfg.samples is not None:
         images = load_samples(cfg.samples)
+        labels = load_sample_labels(cfg.samples)
         record["samples"] = str(cfg.samples)
     else:
         sampler, settings = _sampler(cfg, run_cfg)
@@ -134,7 +136,7 @@ def evaluate(cfg: DictConfig) -> dict:
             _save_grid(images[:100], out_dir / "samples.png")
     if len(images) < 2:
         raise ValueError(f"{len(images)} sample(s): FID needs at least 2")
-    record.update(evaluator.evaluate(images))
+    record.update(evaluator.evaluate(images, labels=None if labels is None else np.asarray(labels)))
     if int(cfg.bpd.n) > 0:
         record.update(bits_per_dim(loaded.model, loaded.diffusion, datamodule, int(cfg.bpd.n), int(cfg.bpd.batch_size),
                                    seed=int(cfg.seed), progress=bool(cfg.progress)))
@@ -143,7 +145,9 @@ def evaluate(cfg: DictConfig) -> dict:
     path = Path(cfg.output) if cfg.output else out_dir / "fid.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
-    summary = "  ".join(f"{k}={record[k]:.4g}" for k in ("fid", "kid_mean", "is_mean", "precision", "recall", "bpd") if k in record)
+    keys = ("fid", "kid_mean", "is_mean", "precision", "recall", "class_accuracy", "class_entropy", "bpd")
+    summary = "  ".join(f"{k}={record[k]:.4g}" for k in keys if k in record)
+    record["feature_extractor"] = str(cfg.fid.feature_extractor)
     print(f"{summary}  (n={record['num_samples']}, reference {record['reference']['key']}) -> {path}")
     return record
 

@@ -13,8 +13,25 @@ import numpy as np
 import torch
 
 from .inception import InceptionFeatures
+
 from .reference import ReferenceStats, load_stats, reference_key, reference_stats
 from .scores import compute_scores
+
+EXTRACTORS = ("inception", "mnist_cnn")
+
+
+def make_features(feature_extractor: str = "inception", weights_path: str | None = None, classifier_path: str | None = None,
+                  device: str | torch.device = "cpu", batch_size: int = 64, key_prefix: str = "fid"):
+    """The feature extractor behind FID/KID: ``inception`` (torch-fidelity's Inception-v3) or ``mnist_cnn``
+    (ddlab's MNIST classifier, registered with torch-fidelity; see :mod:`ddlab.metrics.classifier`)."""
+    if feature_extractor == "inception":
+        return InceptionFeatures(weights_path, device=device, batch_size=batch_size, key=f"{key_prefix}.weights_path")
+    if feature_extractor == "mnist_cnn":
+        from .classifier import ClassifierFeatures
+
+        return ClassifierFeatures(classifier_path, device=device, batch_size=max(batch_size, 256), key=f"{key_prefix}.classifier_path")
+    raise ValueError(f"{key_prefix}.feature_extractor: unknown extractor {feature_extractor!r}; choose from {', '.join(EXTRACTORS)}")
+
 
 log = logging.getLogger("ddlab.metrics")
 
@@ -42,12 +59,15 @@ class Evaluator:
         weights_path: Inception weights (see :func:`ddlab.metrics.inception.resolve_weights`).
         stats_path: a precomputed statistics ``.npz`` used as is (no key check).
         kid, isc, prc: also compute KID, Inception Score, precision/recall.
+        feature_extractor: ``inception`` or ``mnist_cnn`` (then ``classifier_path`` locates the classifier,
+            and ``evaluate`` adds ``class_entropy`` and, given labels, ``class_accuracy``).
     """
 
     def __init__(self, data_cfg: Mapping[str, Any] | None, datamodule=None, cache_dir: str | os.PathLike = "fid_stats",
                  weights_path: str | None = None, device: str | torch.device = "cpu", batch_size: int = 64,
                  split: str = "val", stats_path: str | None = None, kid: bool = False, isc: bool = True, prc: bool = False,
-                 kid_subsets: int = 100, kid_subset_size: int = 1000, progress: bool = True, key_prefix: str = "fid"):
+                 kid_subsets: int = 100, kid_subset_size: int = 1000, progress: bool = True, key_prefix: str = "fid",
+                 feature_extractor: str = "inception", classifier_path: str | None = None):
         if datamodule is None and stats_path is None:
             raise ValueError(f"{key_prefix}: give a data set (data=...) or a reference statistics file ({key_prefix}.reference_stats=...)")
         self.data_cfg = dict(data_cfg or {})
@@ -58,7 +78,7 @@ class Evaluator:
         self.kid, self.isc, self.prc = bool(kid), bool(isc), bool(prc)
         self.kid_subsets, self.kid_subset_size = int(kid_subsets), int(kid_subset_size)
         self.progress = progress
-        self.features = InceptionFeatures(weights_path, device=device, batch_size=batch_size, key=f"{key_prefix}.weights_path")
+        self.features = make_features(feature_extractor, weights_path, classifier_path, device, batch_size, key_prefix)
         self._ref: ReferenceStats | None = None
 
     def reference(self) -> ReferenceStats:
@@ -77,18 +97,23 @@ class Evaluator:
 
         def compute():
             images = dataset_images_uint8(ds)
-            return self.features.extract(images, progress=self.progress, desc="reference features")["2048"]
+            return self.features.extract(images, progress=self.progress, desc="reference features")["fid"]
 
         self._ref = reference_stats(key, self.cache_dir, compute, need_features=need)
         return self._ref
 
-    def evaluate(self, images, features: dict | None = None) -> dict:
-        """Scores of ``images`` (uint8, ``(N, H, W, C)`` or ``(N, C, H, W)``, N >= 2) plus the reference used."""
+    def evaluate(self, images, features: dict | None = None, labels=None) -> dict:
+        """Scores of ``images`` (uint8, ``(N, H, W, C)`` or ``(N, C, H, W)``, N >= 2) plus the reference used.
+        ``labels``: the class asked for each image (negative = unconditional), for ``class_accuracy``."""
         ref = self.reference()
         if features is None:
             features = self.features.extract(images, progress=self.progress, desc="sample features")
-        n = len(features["2048"])
+        n = len(features["fid"])
         scores = compute_scores(features, ref, fid=True, kid_=self.kid, isc=self.isc, prc=self.prc,
                                 kid_subsets=self.kid_subsets, kid_subset_size=self.kid_subset_size)
+        if self.features.kind == "classifier":
+            from .classifier import class_metrics
+
+            scores.update(class_metrics(features["logits"], None if labels is None else np.asarray(labels)[:n]))
         return {**scores, "num_samples": n, "reference": {**ref.describe(), "extractor": self.features.name,
                                                           "weights": str(self.features.weights_path)}}

@@ -111,9 +111,12 @@ def to_uint8_nchw3(images) -> torch.Tensor:
 class InceptionFeatures:
     """torch-fidelity's Inception-v3 feature extractor with ddlab's weight resolution.
 
-    ``extract(images)`` returns ``{"2048": (N, 2048) float64, "logits_unbiased": (N, 1008) float64}``.
+    ``extract(images)`` returns ``{"fid": (N, 2048) float64, "logits": (N, 1008) float64}`` (the pool
+    features behind FID / KID / precision-recall and the logits behind the Inception Score).
     ``name`` (``inception-v3-compat-<hash>``) identifies the network and its weights.
     """
+
+    kind = "inception"
 
     def __init__(self, weights_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                  batch_size: int = 64, key: str = "fid.weights_path"):
@@ -144,7 +147,7 @@ class InceptionFeatures:
                 for k in FEATURE_LAYERS:
                     out[k].append(feats[k].double().cpu())
                 bar.update(len(batch))
-        return {k: torch.cat(v).numpy() for k, v in out.items()}
+        return {"fid": torch.cat(out["2048"]).numpy(), "logits": torch.cat(out["logits_unbiased"]).numpy()}
 
 
 @contextmanager

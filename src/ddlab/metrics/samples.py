@@ -45,6 +45,15 @@ def load_samples(path: str | os.PathLike, key: str = "samples") -> np.ndarray:
     raise FileNotFoundError(f"{key}={p}: no such .npz file or image folder")
 
 
+def load_sample_labels(path: str | os.PathLike) -> np.ndarray | None:
+    """The labels (``arr_1``) stored beside the samples of an ``.npz``, or ``None``."""
+    p = Path(path)
+    if not (p.is_file() and p.suffix == ".npz"):
+        return None
+    with np.load(p, allow_pickle=False) as z:
+        return np.asarray(z["arr_1"]).astype(np.int64) if "arr_1" in z.files else None
+
+
 def save_samples_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None = None) -> Path:
     """Write ``arr_0`` (uint8 NHWC) and, when given, ``arr_1`` (labels) — the OpenAI evaluator layout."""
     p = Path(path)

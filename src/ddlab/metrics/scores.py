@@ -62,10 +62,10 @@ def precision_recall(features_gen: np.ndarray, features_ref: np.ndarray, neighbo
 
 def compute_scores(gen: dict, ref: ReferenceStats, fid: bool = True, kid_: bool = False, isc: bool = False, prc: bool = False,
                    kid_subsets: int = 100, kid_subset_size: int = 1000, isc_splits: int = 10) -> dict:
-    """Scores of generated features ``gen`` (``{"2048": (N, 2048), "logits_unbiased": (N, 1008)}``) against
+    """Scores of generated features ``gen`` (``{"fid": (N, D), "logits": (N, K)}``) against
     ``ref``. Keys: ``fid``, ``kid_mean``/``kid_std``, ``is_mean``/``is_std``, ``precision``/``recall``."""
     out: dict = {}
-    g = np.asarray(gen["2048"], dtype=np.float64)
+    g = np.asarray(gen["fid"], dtype=np.float64)
     if fid:
         mu, sigma = features_to_stats(g)
         out["fid"] = frechet_distance(mu, sigma, ref.mu, ref.sigma)
@@ -74,7 +74,7 @@ def compute_scores(gen: dict, ref: ReferenceStats, fid: bool = True, kid_: bool 
     if kid_:
         out.update(kid(g, ref.features, kid_subsets, kid_subset_size))
     if isc:
-        out.update(inception_score(gen["logits_unbiased"], isc_splits))
+        out.update(inception_score(gen["logits"], isc_splits))
     if prc:
         out.update(precision_recall(g, ref.features))
     return out

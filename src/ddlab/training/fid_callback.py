@@ -28,7 +28,8 @@ class FIDCallback(Callback):
     def __init__(self, every_n_epochs: int = 0, num_samples: int = 1000, steps: int | None = 50,
                  guidance_scale: float | None = None, batch_size: int = 250, dirpath: str | None = None,
                  cache_dir: str = "logs/fid_stats", weights_path: str | None = None, feature_batch_size: int = 64,
-                 kid: bool = False, isc: bool = False, seed: int = 0, progress: bool = False):
+                 kid: bool = False, isc: bool = False, seed: int = 0, progress: bool = False,
+                 feature_extractor: str = "inception", classifier_path: str | None = None):
         if every_n_epochs < 0:
             raise ValueError(f"eval.every_n_epochs must be >= 0 (0 = off), got {every_n_epochs}")
         if every_n_epochs and num_samples < 2:
@@ -45,6 +46,9 @@ class FIDCallback(Callback):
         self.kid, self.isc = bool(kid), bool(isc)
         self.seed = int(seed)
         self.progress = progress
+        self.feature_extractor = feature_extractor
+        self.classifier_path = classifier_path
+        self._labels = None
         self.best = math.inf
         self._evaluator = None
         self._last_epoch = -1
@@ -67,7 +71,8 @@ class FIDCallback(Callback):
             data_cfg = (pl_module.hparams.get("run_config") or {}).get("data") or {}
             self._evaluator = Evaluator(data_cfg, trainer.datamodule, cache_dir=self.cache_dir, weights_path=self.weights_path,
                                         device=pl_module.device, batch_size=self.feature_batch_size, kid=self.kid,
-                                        isc=self.isc, progress=self.progress, key_prefix="eval")
+                                        isc=self.isc, progress=self.progress, key_prefix="eval",
+                                        feature_extractor=self.feature_extractor, classifier_path=self.classifier_path)
         return self._evaluator
 
     def due(self, trainer) -> bool:
@@ -81,9 +86,9 @@ class FIDCallback(Callback):
         images = self.sample_all_ranks(trainer, pl_module)
         value = torch.zeros(1, dtype=torch.float64, device=pl_module.device)
         if trainer.is_global_zero:
-            scores = self.evaluator(trainer, pl_module).evaluate(images)
+            scores = self.evaluator(trainer, pl_module).evaluate(images, labels=self._labels)
             value[0] = scores["fid"]
-            extra = {k: scores[k] for k in ("kid_mean", "is_mean") if k in scores}
+            extra = {k: scores[k] for k in ("kid_mean", "is_mean", "class_accuracy", "class_entropy") if k in scores}
             log.info("epoch %d: FID %.4f over %d samples %s", trainer.current_epoch, scores["fid"], len(images), extra)
             self._save_grid(images, trainer.current_epoch)
         else:
@@ -105,6 +110,7 @@ class FIDCallback(Callback):
         share = math.ceil(self.num_samples / world)
         labels = balanced_labels(share * world, pl_module.num_classes, torch.Generator().manual_seed(self.seed))
         mine = labels[rank * share:(rank + 1) * share] if labels is not None else None
+        self._labels = labels[: self.num_samples].numpy() if labels is not None else None
         base = pl_module.sampler
         sampler = Sampler(kind=base.kind, steps=self.steps if self.steps is not None else base.steps, eta=base.eta,
                           spacing=base.spacing, step_size=None if self.steps is not None else base.step_size,
