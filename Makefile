@@ -15,7 +15,7 @@ N ?= 50000
 STEPS ?= 50
 GUIDANCE ?=
 
-.PHONY: install train test sample fid nll bench bench-quality lint clean
+.PHONY: install train test sample fid nll bench bench-quality classifier lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -41,6 +41,12 @@ fid: install  ## make fid CKPT=path [N=50000] [STEPS=50] [GUIDANCE=...]
 
 bench: install  ## speed and memory measurements (not tests)
 	$(PY) -m benchmarks.run $(ARGS)
+
+bench-quality: install  ## ddlab's MNIST recipe vs a tuned diffusers baseline, same CPU budget (ARGS="--budget 1800 --search")
+	$(PY) -m benchmarks.quality $(ARGS)
+
+classifier: install  ## the MNIST domain classifier for fid.feature_extractor=mnist_cnn (a few minutes on a CPU)
+	$(PY) -m ddlab.metrics.classifier train data=mnist $(ARGS)
 
 lint: install
 	$(PY) -m ruff check src tests benchmarks

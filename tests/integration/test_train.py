@@ -79,3 +79,26 @@ def test_two_epochs_then_resume(tmp_path):
         torch.testing.assert_close(seen["ema"][k[len("ema_model."):]], v)
     ck2 = torch.load(run2 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ck2["global_step"] == 12
+
+
+def test_bf16_mixed_on_cpu_keeps_schedules_in_float64(tmp_path):
+    cfg = compose(TINY + ["trainer.precision=bf16-mixed", "trainer.max_steps=3", "callbacks.sample_grid=null"], output_dir=tmp_path)
+    train(cfg)
+    ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ck["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())
+    rows = (tmp_path / "metrics.json").read_text()
+    assert "train/loss" in rows
+    from ddlab.diffusion import GaussianDiffusion
+
+    d = GaussianDiffusion(num_timesteps=50)
+    assert d.alphas_cumprod.dtype == torch.float64  # cast only when indexed, never stored in half
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    # 64 images / batch 16 = 4 batches per epoch; accumulating 2 gives 2 optimizer steps (and LR/EMA updates) per epoch
+    cfg = compose(TINY + ["trainer.accumulate_grad_batches=2", "trainer.max_epochs=2", "callbacks.sample_grid=null"], output_dir=tmp_path)
+    train(cfg)
+    ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ck["global_step"] == 4
+    assert ck["lr_schedulers"][0]["last_epoch"] == 4

@@ -164,8 +164,14 @@ class DiffusionModule(pl.LightningModule):
         hp = self.hparams
         opt = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay, eps=hp.eps)
         total = hp.total_steps
-        if total is None and self.trainer is not None and self.trainer.max_steps and self.trainer.max_steps > 0:
-            total = self.trainer.max_steps
+        if total is None and hp.lr_schedule != "constant" and self._trainer is not None:
+            est = self.trainer.estimated_stepping_batches  # max_steps, or max_epochs x batches per epoch / accumulation
+            total = int(est) if math.isfinite(est) else None
+        if hp.lr_schedule != "constant" and not total:
+            raise ValueError(
+                f"module.lr_schedule={hp.lr_schedule} anneals to module.min_lr_ratio at the last step, which is unknown: "
+                "set module.total_steps (or trainer.max_steps / trainer.max_epochs), or use module.lr_schedule=constant for time-budgeted runs"
+            )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(hp.warmup_steps, hp.lr_schedule, total, hp.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
@@ -194,7 +200,8 @@ class DiffusionModule(pl.LightningModule):
 
 class lr_lambda:
     """Multiplier of the base LR at optimizer step ``s``: linear warm-up, then constant, cosine or
-    linear decay to ``min_ratio`` at ``total`` steps (constant when ``total`` is unknown)."""
+    linear decay to ``min_ratio`` at ``total`` steps (constant when ``total`` is unknown; the module
+    refuses a non-constant schedule without ``total``)."""
 
     def __init__(self, warmup: int, schedule: str, total: Optional[int], min_ratio: float = 0.0):
         self.warmup, self.schedule, self.total, self.min_ratio = int(warmup), schedule, total, float(min_ratio)

@@ -1,0 +1,340 @@
+"""`make bench-quality`: sample quality on a CPU budget, ddlab's MNIST recipe vs a tuned diffusers baseline.
+
+Both systems train class-conditional MNIST models for the same wall-clock budget on the same machine
+(training loop only: data in memory, set-up excluded), then draw ``--samples`` guided samples with
+DDIM; every sample set is scored with the MNIST domain metric (:mod:`ddlab.metrics.classifier`):
+FID/KID on the classifier's features against the test split, the classifier's accuracy w.r.t. the
+requested labels, and the entropy of its predicted-class histogram.
+
+* ddlab: ``python -m ddlab.train experiment=mnist_cfg`` (the ``make train`` recipe) with
+  ``trainer.max_time`` set to the budget, sampled from the EMA weights with its configured sampler
+  (``--ddlab-steps`` adds step counts to compare).
+* baseline: diffusers ``UNet2DModel`` + ``DDPMScheduler`` + ``EMAModel`` (warm-up power 2/3), AdamW
+  with linear warm-up, labels dropped to a null class with p = 0.1, sampled with ``DDIMScheduler``
+  and classifier-free guidance batched into one forward. ``--search`` first tunes its learning rate,
+  batch size and width on a shorter budget (one factor at a time around the best known setting) and
+  keeps the best by domain FID.
+
+This is a measurement, not a test: it prints a markdown table and writes
+``benchmarks/results/quality-<host>-<date>.json`` (plus sample grids), after each system.
+
+    python -m benchmarks.quality --budget 600                 # the 10-minute comparison
+    python -m benchmarks.quality --budget 1800 --search       # 30 minutes, baseline tuned first
+    python -m benchmarks.quality --budget 20 --samples 40 --quick   # smoke run (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+NULL_CLASS = 10
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"00:{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _progress(msg: str) -> None:
+    print(f"[bench-quality {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- ddlab
+def train_ddlab(budget: float, out: Path, threads: int, overrides: list[str]) -> dict:
+    """``python -m ddlab.train experiment=mnist_cfg trainer.max_time=<budget>`` in a subprocess."""
+    cmd = [sys.executable, "-m", "ddlab.train", "experiment=mnist_cfg", f"trainer.max_time={_hms(budget)}",
+           f"hydra.run.dir={out}", f"torch_threads={threads}", "callbacks.sample_grid.every_n_steps=0",
+           "callbacks.progress_bar.refresh_rate=50", *overrides]
+    _progress(f"ddlab: training for {budget:.0f} s: {' '.join(cmd[2:])}")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ddlab training failed:\n{proc.stderr[-3000:]}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    run_cfg = (out / ".hydra" / "config.yaml").read_text()
+    batch = int(next(line.split(":")[1] for line in run_cfg.splitlines() if line.strip().startswith("batch_size:")))
+    steps = int(metrics["global_step"])
+    return {"ckpt": str(out / "checkpoints" / "last.ckpt"), "steps": steps, "batch_size": batch,
+            "images_per_s": steps * batch / budget, "process_seconds": round(time.perf_counter() - t0, 1),
+            "params": int(metrics.get("params/total", 0)), "overrides": overrides}
+
+
+def sample_ddlab(ckpt: str, n: int, steps: int | None, guidance: float | None, seed: int, batch_size: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    from ddlab.checkpoint import load_checkpoint
+    from ddlab.diffusion import Sampler
+    from ddlab.metrics.generate import balanced_labels, generate_uint8
+
+    loaded = load_checkpoint(ckpt, use_ema=True)
+    scfg = {k: v for k, v in loaded.config["sampler"].items() if k not in ("_target_", "progress")}
+    if steps is not None:
+        scfg["steps"], scfg["step_size"] = steps, None
+    if guidance is not None:
+        scfg["guidance_scale"] = guidance
+    sampler = Sampler(**scfg, progress=False)
+    labels = balanced_labels(n, loaded.model.num_classes, torch.Generator().manual_seed(seed))
+    t0 = time.perf_counter()
+    images = generate_uint8(loaded.model, loaded.diffusion, sampler, n, batch_size, labels=labels, seed=seed, progress=True,
+                            desc=f"ddlab {scfg['kind']}-{scfg['steps']}")
+    return images, labels.numpy(), {"sampling_seconds": time.perf_counter() - t0, "sampler": scfg}
+
+
+# ---------------------------------------------------------------------------------------------- diffusers baseline
+def mnist_28(data_dir: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from ddlab.data.mnist import load_mnist
+
+    x, y = load_mnist(data_dir, split)
+    return torch.from_numpy(np.array(x)).float().div(127.5).sub(1.0)[:, None], torch.from_numpy(np.array(y)).long()
+
+
+def baseline_model(width: tuple[int, ...] = (32, 64, 64)):
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=28, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=tuple(width),
+                       down_block_types=("DownBlock2D",) * len(width), up_block_types=("UpBlock2D",) * len(width),
+                       norm_num_groups=8, num_class_embeds=NULL_CLASS + 1)
+
+
+def train_baseline(budget: float, data_dir: str, lr: float = 2e-3, batch_size: int = 64, width=(32, 64, 64),
+                   ema_power: float = 2 / 3, warmup: int = 100, p_uncond: float = 0.1, seed: int = 0) -> dict:
+    """diffusers' class-conditional DDPM recipe, trained until ``budget`` seconds have passed."""
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    x, y = mnist_28(data_dir, "train")
+    model = baseline_model(width)
+    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    lr_sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=warmup)
+    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=ema_power)
+    model.train()
+    steps, t0 = 0, time.perf_counter()
+    deadline = t0 + budget
+    perm, pos = torch.randperm(len(x), generator=g), 0
+    while time.perf_counter() < deadline:
+        if pos + batch_size > len(x):
+            perm, pos = torch.randperm(len(x), generator=g), 0
+        idx = perm[pos:pos + batch_size]
+        pos += batch_size
+        x0, labels = x[idx], y[idx].clone()
+        labels[torch.rand(len(idx), generator=g) < p_uncond] = NULL_CLASS
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 1000, (len(idx),), generator=g)
+        pred = model(noise_sched.add_noise(x0, noise, t), t, class_labels=labels).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        lr_sched.step()
+        ema.step(model.parameters())
+        steps += 1
+        if steps % 200 == 0:
+            _progress(f"baseline step {steps}, loss {loss.item():.4f}, {time.perf_counter() - t0:.0f}/{budget:.0f} s")
+    seconds = time.perf_counter() - t0
+    ema.copy_to(model.parameters())
+    model.eval()
+    return {"model": model, "scheduler_config": dict(noise_sched.config), "steps": steps, "batch_size": batch_size,
+            "images_per_s": steps * batch_size / seconds, "params": sum(p.numel() for p in model.parameters()),
+            "settings": {"lr": lr, "batch_size": batch_size, "width": list(width), "ema_power": ema_power, "warmup": warmup}}
+
+
+@torch.no_grad()
+def sample_baseline(model, scheduler_config: dict, n: int, steps: int, guidance: float, seed: int, batch_size: int):
+    """Guided DDIM with diffusers' ``DDIMScheduler``; conditional and unconditional passes in one forward."""
+    from diffusers import DDIMScheduler
+    from tqdm.auto import tqdm
+
+    from ddlab.metrics.generate import balanced_labels
+
+    sched = DDIMScheduler.from_config(scheduler_config)
+    labels = balanced_labels(n, NULL_CLASS, torch.Generator().manual_seed(seed))
+    out = []
+    t0 = time.perf_counter()
+    for i, start in enumerate(tqdm(range(0, n, batch_size), desc=f"baseline ddim-{steps}", leave=False)):
+        y = labels[start:start + batch_size]
+        g = torch.Generator().manual_seed(seed + i)
+        x = torch.randn((len(y), 1, 28, 28), generator=g)
+        sched.set_timesteps(steps)
+        null = torch.full_like(y, NULL_CLASS)
+        for t in sched.timesteps:
+            eps_c, eps_u = model(torch.cat([x, x]), t, class_labels=torch.cat([y, null])).sample.chunk(2)
+            x = sched.step(eps_u + guidance * (eps_c - eps_u), t, x, eta=0.0).prev_sample
+        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out), labels.numpy(), {"sampling_seconds": time.perf_counter() - t0,
+                                                  "sampler": {"kind": "ddim", "steps": steps, "eta": 0.0, "guidance_scale": guidance}}
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+class Scorer:
+    """Domain FID/KID, class accuracy and entropy against the MNIST test split (mnist_cnn features)."""
+
+    def __init__(self, data_dir: str, cache_dir: Path, classifier_path: str | None, reference_limit: int | None):
+        from ddlab.data import MNISTDataModule
+        from ddlab.metrics import Evaluator
+
+        dm = MNISTDataModule(data_dir=data_dir, val_limit=reference_limit)
+        data_cfg = {"_target_": "ddlab.data.MNISTDataModule", "image_size": 32, "resize": "pad", "channels": 1, "num_classes": 10}
+        self.ev = Evaluator(data_cfg, dm, cache_dir=cache_dir, feature_extractor="mnist_cnn", classifier_path=classifier_path,
+                            kid=True, isc=False, progress=False, kid_subsets=20, kid_subset_size=500)
+
+    def __call__(self, images: np.ndarray, labels: np.ndarray) -> dict:
+        s = self.ev.evaluate(images, labels=labels)
+        return {k: s[k] for k in ("fid", "kid_mean", "class_accuracy", "class_entropy", "num_samples")}
+
+
+def save_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_class: int = 10) -> None:
+    """``per_class`` samples of every class, one class per row."""
+    from torchvision.utils import save_image
+
+    rows = [images[labels == c][:per_class] for c in range(NULL_CLASS)]
+    rows = [r for r in rows if len(r)]
+    k = min(len(r) for r in rows)
+    x = torch.from_numpy(np.concatenate([r[:k] for r in rows])).permute(0, 3, 1, 2).float() / 255.0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(x, path, nrow=k, padding=2)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def _markdown(result: dict) -> str:
+    lines = [f"Budget {result['budget_s']:.0f} s per system, {result['samples']} guided samples each, "
+             f"{result['machine']['cpu_threads']} torch threads on {result['machine']['host']} ({result['date']}).", "",
+             "| system | params | images/s (train) | sampler | sampling s | domain FID | KID | class acc | class entropy |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        s = r["sampler"]
+        lines.append(f"| {r['system']} | {r['params'] / 1e6:.2f} M | {r['images_per_s']:.0f} | {s['kind']}-{s['steps']} w={s['guidance_scale']} "
+                     f"| {r['sampling_seconds']:.1f} | {r['fid']:.3f} | {r['kid_mean']:.4f} | {r['class_accuracy']:.3f} | {r['class_entropy']:.3f} |")
+    if result.get("search"):
+        lines += ["", f"Baseline search ({result['search_budget_s']:.0f} s each, {result['search_samples']} samples, DDIM-{result['search_steps']}):", "",
+                  "| lr | batch | width | steps | domain FID | class acc |", "|---|---|---|---|---|---|"]
+        for r in result["search"]:
+            st = r["settings"]
+            lines.append(f"| {st['lr']:g} | {st['batch_size']} | {'-'.join(map(str, st['width']))} | {r['steps']} | {r['fid']:.3f} | {r['class_accuracy']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
+    p.add_argument("--budget", type=float, default=600, help="training seconds per system (default 600)")
+    p.add_argument("--samples", type=int, default=500, help="guided samples per system")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--systems", default="ddlab,baseline")
+    p.add_argument("--ddlab-steps", default="", help="extra ddlab sampler step counts to score, e.g. 10,20")
+    p.add_argument("--ddlab-args", default="", help="extra Hydra overrides for the ddlab run (space separated)")
+    p.add_argument("--ddlab-ckpt", default=None, help="score this checkpoint instead of training ddlab")
+    p.add_argument("--baseline-steps", type=int, default=50, help="DDIM steps of the baseline")
+    p.add_argument("--guidance", type=float, default=3.0, help="guidance scale of the baseline (ddlab uses its config's)")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--width", default="32,64,64")
+    p.add_argument("--search", action="store_true", help="tune the baseline's lr, batch size and width first")
+    p.add_argument("--search-budget", type=float, default=None, help="seconds per search run (default budget / 4)")
+    p.add_argument("--search-samples", type=int, default=200)
+    p.add_argument("--search-steps", type=int, default=20)
+    p.add_argument("--reference-limit", type=int, default=None, help="test images for the reference statistics (default all 10k)")
+    p.add_argument("--classifier", default=None, help="mnist_cnn weights (default $DDLAB_MNIST_CNN or logs/classifiers/mnist_cnn.pt; trained if absent)")
+    p.add_argument("--data-dir", default=os.environ.get("DDLAB_DATA_DIR", "data"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny classifier and ddlab model, few steps")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("DDLAB_DATA_DIR", args.data_dir)
+    started = _dt.datetime.now()
+    out_dir = Path(args.out)
+    work = out_dir / f"quality-{socket.gethostname()}-{started:%Y%m%d-%H%M%S}"
+    work.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"quality-{socket.gethostname()}-{started:%Y-%m-%d}.json"
+
+    from ddlab.metrics.classifier import default_path, train_classifier
+
+    cls_path = Path(args.classifier) if args.classifier else default_path()
+    if args.quick:
+        cls_path = work / "mnist_cnn.pt"
+    if not cls_path.is_file():
+        _progress(f"no classifier at {cls_path}: training it")
+        kw = {"epochs": 1, "limit": 2000, "test_limit": 500} if args.quick else {}
+        train_classifier(args.data_dir, cls_path, progress=False, **kw)
+    scorer = Scorer(args.data_dir, work / "fid_stats" if args.quick else ROOT / "logs" / "fid_stats", str(cls_path),
+                    500 if args.quick else args.reference_limit)
+    result = {"date": f"{started:%Y-%m-%d %H:%M}", "budget_s": args.budget, "samples": args.samples, "rows": [],
+              "machine": {"host": socket.gethostname(), "cpu_threads": args.threads, "torch": torch.__version__},
+              "classifier": str(cls_path), "command": " ".join(sys.argv)}
+
+    def write():
+        json_path.write_text(json.dumps(result, indent=2, default=str))
+
+    systems = args.systems.split(",")
+    if "ddlab" in systems:
+        extra = args.ddlab_args.split()
+        if args.quick:
+            extra += ["model.base_channels=8", "model.channel_mult=[1,2]", "scheduler.num_timesteps=50", "sampler.steps=4",
+                      "data.limit=256", "trainer.limit_val_batches=0", "callbacks.sample_grid.n=10"]
+        if args.ddlab_ckpt:
+            info = {"ckpt": args.ddlab_ckpt, "images_per_s": float("nan"), "params": 0, "steps": None}
+        else:
+            info = train_ddlab(args.budget, work / "ddlab", args.threads, extra)
+        for steps in [None] + [int(s) for s in args.ddlab_steps.split(",") if s]:
+            images, labels, smp = sample_ddlab(info["ckpt"], args.samples, steps, None, seed=1, batch_size=args.samples)
+            row = {"system": "ddlab", **{k: v for k, v in info.items() if k != "ckpt"}, **smp, **smp["sampler"], **scorer(images, labels)}
+            row["sampler"] = smp["sampler"]
+            save_grid(images, labels, work / f"ddlab_{smp['sampler']['kind']}{smp['sampler']['steps']}.png")
+            result["rows"].append(row)
+            _progress(f"ddlab: {row['sampler']['kind']}-{row['sampler']['steps']}: FID {row['fid']:.3f}, acc {row['class_accuracy']:.3f}, "
+                      f"{row['sampling_seconds']:.1f} s")
+            write()
+
+    if "baseline" in systems:
+        width = tuple(int(w) for w in args.width.split(","))
+        best = {"lr": args.lr, "batch_size": args.batch_size, "width": width}
+        if args.search:
+            sb = args.search_budget or args.budget / 4
+            candidates = [best, {**best, "lr": best["lr"] / 2}, {**best, "lr": best["lr"] * 2},
+                          {**best, "batch_size": best["batch_size"] // 2}, {**best, "batch_size": best["batch_size"] * 2},
+                          {**best, "width": tuple(w * 3 // 4 for w in width)}, {**best, "width": tuple(w * 3 // 2 for w in width)}]
+            result.update(search=[], search_budget_s=sb, search_samples=args.search_samples, search_steps=args.search_steps)
+            for c in candidates:
+                tr = train_baseline(sb, args.data_dir, **c)
+                images, labels, _ = sample_baseline(tr["model"], tr["scheduler_config"], args.search_samples, args.search_steps,
+                                                    args.guidance, seed=1, batch_size=args.search_samples)
+                sc = scorer(images, labels)
+                result["search"].append({"settings": tr["settings"], "steps": tr["steps"], **sc})
+                _progress(f"search {tr['settings']}: FID {sc['fid']:.3f}, acc {sc['class_accuracy']:.3f}")
+                write()
+            top = min(result["search"], key=lambda r: r["fid"])["settings"]
+            best = {"lr": top["lr"], "batch_size": top["batch_size"], "width": tuple(top["width"])}
+        tr = train_baseline(args.budget, args.data_dir, **best)
+        images, labels, smp = sample_baseline(tr["model"], tr["scheduler_config"], args.samples, args.baseline_steps, args.guidance,
+                                              seed=1, batch_size=args.samples)
+        row = {"system": "diffusers baseline", **{k: v for k, v in tr.items() if k not in ("model", "scheduler_config")},
+               **smp, **scorer(images, labels)}
+        save_grid(images, labels, work / "baseline.png")
+        result["rows"].append(row)
+        _progress(f"baseline: FID {row['fid']:.3f}, acc {row['class_accuracy']:.3f}, {row['sampling_seconds']:.1f} s")
+        write()
+
+    result["markdown"] = _markdown(result)
+    result["grids"] = str(work)
+    write()
+    print(result["markdown"])
+    print(f"\n-> {json_path} (grids in {work})")
+    return result
+
+
+if __name__ == "__main__":
+    main()

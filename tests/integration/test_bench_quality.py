@@ -1,0 +1,42 @@
+"""`make bench-quality` smoke run: both systems train for seconds, sample, and get scored end to end.
+
+A harness check, never a quality or speed assertion: figures only have to be well-formed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_quick_quality_bench_runs_end_to_end(tmp_path, mnist_dir):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), DDLAB_DATA_DIR=str(mnist_dir))
+    cmd = [sys.executable, "-m", "benchmarks.quality", "--quick", "--budget", "6", "--samples", "20", "--baseline-steps", "3",
+           "--threads", "1", "--out", str(tmp_path), "--search", "--search-budget", "1", "--search-samples", "10",
+           "--search-steps", "2", "--ddlab-steps", "2"]
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    files = list(tmp_path.glob("quality-*.json"))
+    assert len(files) == 1, files
+    res = json.loads(files[0].read_text())
+    systems = [r["system"] for r in res["rows"]]
+    assert systems == ["ddlab", "ddlab", "diffusers baseline"]
+    assert [r["sampler"]["steps"] for r in res["rows"][:2]] == [4, 2]
+    for r in res["rows"]:
+        assert r["num_samples"] == 20
+        assert math.isfinite(r["fid"]) and r["fid"] >= 0
+        assert 0 <= r["class_accuracy"] <= 1 and 0 <= r["class_entropy"] <= math.log(10) + 1e-9
+        assert r["sampling_seconds"] > 0 and r["images_per_s"] > 0 and r["params"] > 0
+    assert len(res["search"]) == 7  # lr x2, batch x2, width x2 around the starting point
+    assert "| diffusers baseline |" in res["markdown"] and "| ddlab |" in proc.stdout
+    grids = Path(res["grids"])
+    assert (grids / "baseline.png").is_file() and (grids / "ddlab_ddim4.png").is_file()
