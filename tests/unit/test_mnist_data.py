@@ -82,3 +82,66 @@ def test_real_official_files(mnist_dir):
     x, y = load_mnist(mnist_dir, "test")
     assert x.shape == (10000, 28, 28) and np.bincount(y).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     assert hashlib.md5(read_idx(mnist_dir / "t10k-labels-idx1-ubyte.gz").tobytes()).hexdigest() == hashlib.md5(y.astype(np.uint8).tobytes()).hexdigest()
+
+
+def test_reads_uncompressed_idx(tmp_path):
+    rng = np.random.default_rng(1)
+    imgs = rng.integers(0, 256, (5, 28, 28))
+    for split in ("train", "t10k"):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte", imgs, compress=False)
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte", np.array([3, 1, 4, 1, 5]), compress=False)
+    x, y = load_mnist(tmp_path, "test")
+    assert np.array_equal(x, imgs.astype(np.uint8)) and y.tolist() == [3, 1, 4, 1, 5]
+
+
+def test_bad_magic_names_the_file(tiny_mnist):
+    p = tiny_mnist / "train-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.decompress(p.read_bytes()))
+    raw[2] = 0x0D  # float data instead of unsigned bytes
+    with gzip.open(p, "wb") as f:
+        f.write(bytes(raw))
+    with pytest.raises(ValueError, match="train-labels-idx1-ubyte.gz is not an unsigned-byte IDX file"):
+        load_mnist(tiny_mnist, "train")
+
+
+def test_resize_mode_scales_the_digit(tiny_mnist):
+    dm = MNISTDataModule(data_dir=str(tiny_mnist), image_size=32, resize="resize", download=False)
+    dm.setup("fit")
+    x = dm.train_set.images
+    raw, _ = load_mnist(tiny_mnist, "train")
+    from PIL import Image
+
+    # an independent reference: PIL's bilinear resize of the uint8 digits
+    ref = torch.from_numpy(np.stack([np.asarray(Image.fromarray(r).resize((32, 32), Image.BILINEAR)) for r in raw])).float()[:, None] / 127.5 - 1
+    assert x.shape == (20, 1, 32, 32) and x.min() >= -1 and x.max() <= 1
+    # resized, not padded: the border carries image content, and it matches a bilinear resize
+    assert not (x[:, :, :2] == -1).all()
+    torch.testing.assert_close(x, ref, atol=0.03, rtol=0)
+    with pytest.raises(ValueError, match="data.resize must be 'pad' or 'resize'"):
+        MNISTDataModule(data_dir=str(tiny_mnist), resize="crop").setup("fit")
+
+
+def test_ddp_ranks_see_disjoint_samples(tiny_mnist):
+    from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler
+
+    dm = MNISTDataModule(data_dir=str(tiny_mnist), batch_size=1, download=False)
+    dm.setup("fit")
+    dl = dm.train_dataloader()
+    shards = []
+    for rank in (0, 1):
+        sampler = _get_distributed_sampler(dl, shuffle=True, overfit_batches=0, num_replicas=2, rank=rank, seed=7)
+        sampler.set_epoch(3)
+        shards.append(list(sampler))
+    assert len(shards[0]) == len(shards[1]) == 10
+    assert not set(shards[0]) & set(shards[1]) and len(set(shards[0]) | set(shards[1])) == 20
+
+
+def test_seeded_shuffle_depends_only_on_seed_and_epoch(tiny_mnist):
+    from ddlab.data.samplers import EpochSeededRandomSampler
+
+    a, b = EpochSeededRandomSampler(20, seed=3), EpochSeededRandomSampler(20, seed=3)
+    a.set_epoch(2)
+    b.set_epoch(2)
+    assert list(a) == list(b) and sorted(a) == list(range(20))
+    b.set_epoch(3)
+    assert list(a) != list(b)
