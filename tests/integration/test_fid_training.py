@@ -91,3 +91,37 @@ def test_fid_in_training_ddp_gloo(tmp_path, inception_weights):
     assert float(rows[0]["val/fid_best"]) == float(rows[0]["val/fid"])
     assert len(list(cache.glob("mnist-val-28px-1c-n12-*.npz"))) == 1
     assert (run / "fid" / "epoch_0000.png").is_file()
+
+
+@pytest.mark.slow
+def test_domain_metric_kid_and_bits_per_dim_reach_wandb(tmp_path, mnist_dir):
+    """In-training evaluation with the MNIST classifier (KID on, class accuracy) and bits/dim, logged to an
+    offline W&B run: the values in W&B's own run file equal those in the CSV log."""
+    from ddlab.metrics.classifier import train_classifier
+    from tests.integration.test_wandb import read_run
+
+    cnn = train_classifier(mnist_dir, tmp_path / "cnn.pt", epochs=1, limit=1000, test_limit=200, progress=False)["path"]
+    run = tmp_path / "run"
+    cfg = compose(TINY + ["trainer.max_epochs=2", "eval.feature_extractor=mnist_cnn", f"eval.classifier_path={cnn}",
+                          f"eval.cache_dir={tmp_path / 'cache'}", "eval.kid=true", "eval.bpd_every_n_epochs=2",
+                          "eval.bpd_num_images=4", "logger=[csv,wandb]", "name=fid_wb"], output_dir=run)
+    train(cfg)
+    with open(run / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    fid_rows = [r for r in rows if r.get("val/fid")]
+    assert len(fid_rows) == 2
+    for r in fid_rows:
+        assert math.isfinite(float(r["val/fid"])) and math.isfinite(float(r["val/kid_mean"]))
+        assert 0 <= float(r["val/class_accuracy"]) <= 1 and 0 <= float(r["val/class_entropy"]) <= math.log(10) + 1e-9
+    bpd = [r for r in rows if r.get("val/bpd")]
+    assert len(bpd) == 1  # every 2nd epoch
+    b = {k: float(bpd[0][f"val/bpd{k}"]) for k in ("", "_prior", "_decoder", "_vb")}
+    assert b[""] > 0 and b[""] == pytest.approx(b["_prior"] + b["_decoder"] + b["_vb"], rel=1e-6)
+    stats = list((tmp_path / "cache").glob("*.npz"))
+    assert len(stats) == 1 and "mnist_cnn-" in stats[0].name
+
+    wb = read_run(run)
+    hist = [h for h in wb["history"] if "val/fid" in h]
+    assert [h["val/fid"] for h in hist] == pytest.approx([float(r["val/fid"]) for r in fid_rows])
+    assert any("val/fid_best" in h for h in wb["history"]) and any("val/class_accuracy" in h for h in wb["history"])
+    assert [h["val/bpd"] for h in wb["history"] if "val/bpd" in h] == pytest.approx([b[""]])

@@ -140,3 +140,58 @@ def test_ddpm_learned_range_trailing_and_last_step(monkeypatch):
 def test_parity_harness_detects_a_wrong_eta(monkeypatch):
     """The harness can fail: ddlab at eta=1 against diffusers at eta=0 disagrees."""
     assert _lockstep("ddim", "eps", "trailing", eta=1.0, ref_eta=0.0, monkeypatch=monkeypatch) > 1e-1
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("steps", [10, 20])
+def test_dpmpp_2m_matches_diffusers(prediction, steps):
+    """DPM-Solver++(2M) against diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2, trailing,
+    final sigma 0, no lower-order second-to-last step), whole trajectory from the same x_T in float64."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    d = GaussianDiffusion(schedule="cosine", num_timesteps=T, prediction=prediction)
+    net = ToyNet(d.alphas_cumprod, prediction)
+    ref = DPMSolverMultistepScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2", algorithm_type="dpmsolver++",
+                                      solver_order=2, prediction_type=PRED_NAMES[prediction], timestep_spacing="trailing",
+                                      lower_order_final=False, final_sigmas_type="zero")
+    ref.alphas_cumprod = d.alphas_cumprod.clone()
+    ref.set_timesteps(steps)
+    x_T = torch.randn(*SHAPE, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x = x_T.clone()
+    for t in ref.timesteps:
+        x = ref.step(net(x, torch.full((SHAPE[0],), int(t))), t, x).prev_sample
+    sampler = Sampler(kind="dpmpp_2m", steps=steps, spacing="trailing", clip_x0=False, progress=False)
+    states = list(sampler.progressive(net, d, SHAPE, noise=x_T))
+    assert [int(s["t"][0]) for s in states] == [int(t) for t in ref.timesteps]
+    # diffusers keeps its sigmas in float32, so the agreement is to float32 precision
+    torch.testing.assert_close(states[-1]["x"], x, rtol=0, atol=1e-5)
+
+
+def test_dpmpp_2m_is_second_order_on_the_oracle():
+    """With the exact posterior-mean predictor of N(0, 0.25 I) data (the probability-flow ODE is then linear
+    and solvable), DPM-Solver++(2M)'s error falls faster with the step count than DDIM's (first order)."""
+    d = GaussianDiffusion(schedule="cosine", num_timesteps=T, prediction="x0")
+
+    class Oracle(nn.Module):
+        num_classes = 0
+
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, t, y=None):
+            ab = d.alphas_cumprod[t].to(x.dtype).view(-1, 1, 1, 1)
+            return 0.25 * ab.sqrt() * x / (0.25 * ab + 1 - ab)
+
+    # exact ODE solution for Gaussian data: x_0 = sqrt(var0 / var_T) x_T with var_t = 0.25 ab_t + 1 - ab_t
+    ab_T = d.alphas_cumprod[-1]
+    x_T = torch.randn(*SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    exact = x_T * (0.25 / (0.25 * ab_T + 1 - ab_T)).sqrt()
+    errs = {}
+    for kind in ("ddim", "dpmpp_2m"):
+        for n in (10, 20):
+            *_, last = Sampler(kind=kind, steps=n, clip_x0=False, progress=False).progressive(Oracle(), d, SHAPE, noise=x_T)
+            out = last["x"]  # unclamped (sample() clamps to [-1, 1])
+            errs[kind, n] = (out - exact).abs().max().item()
+    assert errs["dpmpp_2m", 10] < errs["ddim", 10] / 2.5
+    assert errs["dpmpp_2m", 20] < errs["dpmpp_2m", 10] / 2.5  # ~4x for a second-order method

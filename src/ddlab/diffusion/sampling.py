@@ -16,7 +16,7 @@ from torch import nn
 from .gaussian import GaussianDiffusion
 from .respace import SPACINGS, space_timesteps
 
-KINDS = ("ddpm", "ddim")
+KINDS = ("ddpm", "ddim", "dpmpp_2m")
 
 
 def guided_model_fn(model: nn.Module, guidance_scale: float = 1.0, channels: Optional[int] = None):
@@ -59,7 +59,8 @@ class Sampler:
     """A configured sampling procedure (``sampler=ddim|ddpm`` in Hydra).
 
     Args:
-        kind: ``ddpm`` (ancestral, uses the model's variance) or ``ddim``.
+        kind: ``ddpm`` (ancestral, uses the model's variance), ``ddim``, or ``dpmpp_2m`` (DPM-Solver++(2M),
+            deterministic, second order: good samples in 10-20 steps; ``eta`` is ignored).
         steps: number of sampling steps (``None``: all training steps).
         eta: DDIM stochasticity in [0, 1] (0 deterministic; 1 DDPM-like).
         spacing: ``leading``, ``trailing`` or ``linspace`` (see :func:`space_timesteps`).
@@ -133,14 +134,18 @@ class Sampler:
             from tqdm.auto import tqdm
 
             indices = tqdm(indices, desc=f"{self.kind} sampling", leave=False)
+        history: dict = {}
         for i in indices:
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
             p = d.p_mean_variance(fn, x, t, y, clip_x0=self.clip_x0)
-            z = torch.randn(*shape, device=device, generator=generator) if i > 0 else None
-            if self.kind == "ddpm":
-                x = p["mean"] + (torch.exp(0.5 * p["log_variance"]) * z if z is not None else 0.0)
+            if self.kind == "dpmpp_2m":
+                x = dpmpp_2m_step(d, x, t, p["pred_x0"], history)
             else:
-                x = ddim_step(d, x, t, p["pred_x0"], p["pred_eps"], self.eta, z)
+                z = torch.randn(*shape, device=device, generator=generator) if i > 0 else None
+                if self.kind == "ddpm":
+                    x = p["mean"] + (torch.exp(0.5 * p["log_variance"]) * z if z is not None else 0.0)
+                else:
+                    x = ddim_step(d, x, t, p["pred_x0"], p["pred_eps"], self.eta, z)
             yield {"step": i, "t": d.scale_timesteps(t), "x": x, "pred_x0": p["pred_x0"]}
 
 
@@ -155,3 +160,28 @@ def ddim_step(d: GaussianDiffusion, x_t, t, pred_x0, pred_eps, eta: float, noise
     if noise is not None and eta > 0:
         x = x + sigma * noise
     return x
+
+
+def dpmpp_2m_step(d: GaussianDiffusion, x_t, t, pred_x0, history: dict) -> torch.Tensor:
+    """One step of DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) from ``t`` to the previous kept step.
+
+    With ``alpha = sqrt(ab)``, ``sigma = sqrt(1 - ab)``, ``lambda = log(alpha / sigma)`` and
+    ``h = lambda_prev - lambda_t``: ``x_prev = (sigma_prev / sigma_t) x_t - alpha_prev (e^-h - 1) D``,
+    where ``D`` is the data prediction, extrapolated with the previous step's prediction
+    (``D = (1 + 1/(2r)) x0_t - 1/(2r) x0_last``, ``r = h_last / h``) after the first step. The last step
+    (to ``ab_prev = 1``, i.e. sigma 0) is first order and returns ``x0`` itself. ``history`` carries
+    ``x0_last`` and ``h_last`` between calls (start with ``{}``)."""
+    ab = d._extract(d.alphas_cumprod, t, x_t)
+    ab_prev = d._extract(d.alphas_cumprod_prev, t, x_t)
+    if bool((ab_prev >= 1).all()):  # final step: sigma_prev = 0, the first-order update is x0
+        history.clear()
+        return pred_x0
+    lam = 0.5 * (torch.log(ab) - torch.log1p(-ab))
+    lam_prev = 0.5 * (torch.log(ab_prev) - torch.log1p(-ab_prev))
+    h = lam_prev - lam
+    D = pred_x0
+    if "x0_last" in history:
+        r = history["h_last"] / h
+        D = (1 + 0.5 / r) * pred_x0 - (0.5 / r) * history["x0_last"]
+    history["x0_last"], history["h_last"] = pred_x0, h
+    return ((1 - ab_prev) / (1 - ab)).sqrt() * x_t - ab_prev.sqrt() * torch.expm1(-h) * D

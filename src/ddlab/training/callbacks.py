@@ -228,3 +228,53 @@ class StepCheckpoint(Checkpoint):
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step > 0:
             self._save(trainer)
+
+
+class BitsPerDim(Callback):
+    """The variational bound of the EMA model in bits/dim (Ho et al. eq. 5, discretised decoder at
+    t = 0) on the first ``num_images`` images of the data module's reference split, every
+    ``every_n_epochs`` epochs at the end of validation; logs ``val/bpd``, ``val/bpd_prior``,
+    ``val/bpd_decoder`` and ``val/bpd_vb`` (the sum of the t > 0 terms). Each image costs T network
+    calls, so keep ``num_images`` small; under DDP the images are split across ranks and the sums
+    reduced. Class-conditional models are conditioned on the true labels. ``every_n_epochs=0`` is off."""
+
+    def __init__(self, every_n_epochs: int = 0, num_images: int = 64, batch_size: int = 64, seed: int = 0):
+        if every_n_epochs < 0 or num_images < 1 or batch_size < 1:
+            raise ValueError(
+                f"eval.bpd_every_n_epochs must be >= 0 and eval.bpd_num_images, batch size >= 1, got {every_n_epochs}, {num_images}, {batch_size}"
+            )
+        self.every_n_epochs, self.num_images, self.batch_size, self.seed = int(every_n_epochs), int(num_images), int(batch_size), int(seed)
+        self._last_epoch = -1
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.every_n_epochs or trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        if trainer.current_epoch == self._last_epoch:
+            return
+        self._last_epoch = trainer.current_epoch
+        ds = trainer.datamodule.reference_dataset()
+        mine = list(range(trainer.global_rank, min(self.num_images, len(ds)), trainer.world_size))
+        net = pl_module.ema_model
+        was_training = net.training
+        net.eval()
+        sums = torch.zeros(5, dtype=torch.float64, device=pl_module.device)  # total, prior, decoder, vb, count
+        state = torch.get_rng_state()
+        torch.manual_seed(self.seed + trainer.global_rank)  # the q_sample noise; the training RNG is restored below
+        try:
+            for start in range(0, len(mine), self.batch_size):
+                items = [ds[i] for i in mine[start:start + self.batch_size]]
+                x = torch.stack([a for a, _ in items]).to(pl_module.device)
+                y = torch.as_tensor([int(b) for _, b in items], device=x.device) if pl_module.num_classes else None
+                out = pl_module.diffusion.calc_bpd_loop(lambda x_t, t, y_: net(x_t, t, y_), x, y=y, clip_x0=True)
+                for j, k in enumerate(("total_bpd", "prior_bpd", "decoder_bpd", "vb_sum")):
+                    sums[j] += out[k].double().sum()
+                sums[4] += len(items)
+        finally:
+            torch.set_rng_state(state)
+            net.train(was_training)
+        if trainer.world_size > 1:
+            sums = trainer.strategy.reduce(sums, reduce_op="sum")
+        n = max(float(sums[4]), 1.0)
+        for j, k in enumerate(("val/bpd", "val/bpd_prior", "val/bpd_decoder", "val/bpd_vb")):
+            pl_module.log(k, float(sums[j]) / n, on_epoch=True, sync_dist=False)
