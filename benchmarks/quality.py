@@ -8,7 +8,7 @@ requested labels, and the entropy of its predicted-class histogram.
 
 * ddlab: ``python -m ddlab.train experiment=mnist_cfg`` (the ``make train`` recipe) with
   ``trainer.max_time`` set to the budget, sampled from the EMA weights with its configured sampler
-  (``--ddlab-steps`` adds step counts to compare).
+  (``--ddlab-samplers`` adds samplers / step counts to compare).
 * baseline: diffusers ``UNet2DModel`` + ``DDPMScheduler`` + ``EMAModel`` (warm-up power 2/3), AdamW
   with linear warm-up, labels dropped to a null class with p = 0.1, sampled with ``DDIMScheduler``
   and classifier-free guidance batched into one forward. ``--search`` first tunes its learning rate,
@@ -20,6 +20,8 @@ This is a measurement, not a test: it prints a markdown table and writes
 
     python -m benchmarks.quality --budget 600                 # the 10-minute comparison
     python -m benchmarks.quality --budget 1800 --search       # 30 minutes, baseline tuned first
+    python -m benchmarks.quality --budget 600 --ddlab-samplers dpmpp_2m:10,ddim:20   # more ddlab samplers
+    python -m benchmarks.quality --systems ddlab --ddlab-ckpt run/checkpoints/last.ckpt   # score a checkpoint only
     python -m benchmarks.quality --budget 20 --samples 40 --quick   # smoke run (seconds)
 """
 
@@ -28,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
 import socket
 import subprocess
@@ -72,7 +73,8 @@ def train_ddlab(budget: float, out: Path, threads: int, overrides: list[str]) ->
             "params": int(metrics.get("params/total", 0)), "overrides": overrides}
 
 
-def sample_ddlab(ckpt: str, n: int, steps: int | None, guidance: float | None, seed: int, batch_size: int) -> tuple[np.ndarray, np.ndarray, dict]:
+def sample_ddlab(ckpt: str, n: int, steps: int | None, guidance: float | None, seed: int, batch_size: int,
+                 kind: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     from ddlab.checkpoint import load_checkpoint
     from ddlab.diffusion import Sampler
     from ddlab.metrics.generate import balanced_labels, generate_uint8
@@ -81,6 +83,8 @@ def sample_ddlab(ckpt: str, n: int, steps: int | None, guidance: float | None, s
     scfg = {k: v for k, v in loaded.config["sampler"].items() if k not in ("_target_", "progress")}
     if steps is not None:
         scfg["steps"], scfg["step_size"] = steps, None
+    if kind is not None:
+        scfg["kind"] = kind
     if guidance is not None:
         scfg["guidance_scale"] = guidance
     sampler = Sampler(**scfg, progress=False)
@@ -235,7 +239,8 @@ def main(argv=None) -> dict:
     p.add_argument("--samples", type=int, default=500, help="guided samples per system")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--systems", default="ddlab,baseline")
-    p.add_argument("--ddlab-steps", default="", help="extra ddlab sampler step counts to score, e.g. 10,20")
+    p.add_argument("--ddlab-samplers", default="", help="extra ddlab samplers to score: [kind:]steps, e.g. dpmpp_2m:10,ddim:20")
+    p.add_argument("--sample-batch", type=int, default=100, help="sampling batch (CPU throughput drops for very large batches)")
     p.add_argument("--ddlab-args", default="", help="extra Hydra overrides for the ddlab run (space separated)")
     p.add_argument("--ddlab-ckpt", default=None, help="score this checkpoint instead of training ddlab")
     p.add_argument("--baseline-steps", type=int, default=50, help="DDIM steps of the baseline")
@@ -287,10 +292,17 @@ def main(argv=None) -> dict:
                       "data.limit=256", "trainer.limit_val_batches=0", "callbacks.sample_grid.n=10"]
         if args.ddlab_ckpt:
             info = {"ckpt": args.ddlab_ckpt, "images_per_s": float("nan"), "params": 0, "steps": None}
+            run_metrics = Path(args.ddlab_ckpt).resolve().parents[1] / "metrics.json"  # <run>/checkpoints/last.ckpt
+            if run_metrics.is_file():
+                m = json.loads(run_metrics.read_text())
+                info.update(images_per_s=float(m.get("train/images_per_sec", float("nan"))), params=int(m.get("params/total", 0)),
+                            steps=m.get("global_step"))
         else:
             info = train_ddlab(args.budget, work / "ddlab", args.threads, extra)
-        for steps in [None] + [int(s) for s in args.ddlab_steps.split(",") if s]:
-            images, labels, smp = sample_ddlab(info["ckpt"], args.samples, steps, None, seed=1, batch_size=args.samples)
+        extra_samplers = [(None, None)] + [((spec.split(":")[0] if ":" in spec else None), int(spec.split(":")[-1]))
+                                           for spec in args.ddlab_samplers.split(",") if spec]
+        for kind, steps in extra_samplers:
+            images, labels, smp = sample_ddlab(info["ckpt"], args.samples, steps, None, seed=1, batch_size=args.sample_batch, kind=kind)
             row = {"system": "ddlab", **{k: v for k, v in info.items() if k != "ckpt"}, **smp, **smp["sampler"], **scorer(images, labels)}
             row["sampler"] = smp["sampler"]
             save_grid(images, labels, work / f"ddlab_{smp['sampler']['kind']}{smp['sampler']['steps']}.png")
@@ -311,7 +323,7 @@ def main(argv=None) -> dict:
             for c in candidates:
                 tr = train_baseline(sb, args.data_dir, **c)
                 images, labels, _ = sample_baseline(tr["model"], tr["scheduler_config"], args.search_samples, args.search_steps,
-                                                    args.guidance, seed=1, batch_size=args.search_samples)
+                                                    args.guidance, seed=1, batch_size=args.sample_batch)
                 sc = scorer(images, labels)
                 result["search"].append({"settings": tr["settings"], "steps": tr["steps"], **sc})
                 _progress(f"search {tr['settings']}: FID {sc['fid']:.3f}, acc {sc['class_accuracy']:.3f}")
@@ -320,7 +332,7 @@ def main(argv=None) -> dict:
             best = {"lr": top["lr"], "batch_size": top["batch_size"], "width": tuple(top["width"])}
         tr = train_baseline(args.budget, args.data_dir, **best)
         images, labels, smp = sample_baseline(tr["model"], tr["scheduler_config"], args.samples, args.baseline_steps, args.guidance,
-                                              seed=1, batch_size=args.samples)
+                                              seed=1, batch_size=args.sample_batch)
         row = {"system": "diffusers baseline", **{k: v for k, v in tr.items() if k not in ("model", "scheduler_config")},
                **smp, **scorer(images, labels)}
         save_grid(images, labels, work / "baseline.png")

@@ -61,7 +61,7 @@ def test_default_logger_is_csv_and_tensorboard(tmp_path):
     assert kinds == ["CSVLogger", "TensorBoardLogger"]
 
 
-@pytest.mark.parametrize("flag,expect", [("--help", "== Config groups =="), ("--cfg job", "optimized_metric:")])
+@pytest.mark.parametrize("flag,expect", [("--help", "== Configuration groups =="), ("--cfg job", "optimized_metric:")])
 def test_cli_help_and_cfg_job(flag, expect):
     import subprocess
     import sys
