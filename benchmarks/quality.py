@@ -64,9 +64,10 @@ def train_ddlab(budget: float, out: Path, threads: int, overrides: list[str]) ->
     proc = subprocess.run(cmd, cwd=ROOT, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"ddlab training failed:\n{proc.stderr[-3000:]}")
+    import yaml
+
     metrics = json.loads((out / "metrics.json").read_text())
-    run_cfg = (out / ".hydra" / "config.yaml").read_text()
-    batch = int(next(line.split(":")[1] for line in run_cfg.splitlines() if line.strip().startswith("batch_size:")))
+    batch = int(yaml.safe_load((out / ".hydra" / "config.yaml").read_text())["data"]["batch_size"])
     steps = int(metrics["global_step"])
     return {"ckpt": str(out / "checkpoints" / "last.ckpt"), "steps": steps, "batch_size": batch,
             "images_per_s": steps * batch / budget, "process_seconds": round(time.perf_counter() - t0, 1),
@@ -303,8 +304,7 @@ def main(argv=None) -> dict:
                                            for spec in args.ddlab_samplers.split(",") if spec]
         for kind, steps in extra_samplers:
             images, labels, smp = sample_ddlab(info["ckpt"], args.samples, steps, None, seed=1, batch_size=args.sample_batch, kind=kind)
-            row = {"system": "ddlab", **{k: v for k, v in info.items() if k != "ckpt"}, **smp, **smp["sampler"], **scorer(images, labels)}
-            row["sampler"] = smp["sampler"]
+            row = {"system": "ddlab", **{k: v for k, v in info.items() if k != "ckpt"}, **smp, **scorer(images, labels)}
             save_grid(images, labels, work / f"ddlab_{smp['sampler']['kind']}{smp['sampler']['steps']}.png")
             result["rows"].append(row)
             _progress(f"ddlab: {row['sampler']['kind']}-{row['sampler']['steps']}: FID {row['fid']:.3f}, acc {row['class_accuracy']:.3f}, "

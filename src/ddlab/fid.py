@@ -141,13 +141,13 @@ def evaluate(cfg: DictConfig) -> dict:
         record.update(bits_per_dim(loaded.model, loaded.diffusion, datamodule, int(cfg.bpd.n), int(cfg.bpd.batch_size),
                                    seed=int(cfg.seed), progress=bool(cfg.progress)))
     record["data"] = data_cfg.get("_target_") if data_cfg else None
+    record["feature_extractor"] = str(cfg.fid.feature_extractor)
 
     path = Path(cfg.output) if cfg.output else out_dir / "fid.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
     keys = ("fid", "kid_mean", "is_mean", "precision", "recall", "class_accuracy", "class_entropy", "bpd")
     summary = "  ".join(f"{k}={record[k]:.4g}" for k in keys if k in record)
-    record["feature_extractor"] = str(cfg.fid.feature_extractor)
     print(f"{summary}  (n={record['num_samples']}, reference {record['reference']['key']}) -> {path}")
     return record
 

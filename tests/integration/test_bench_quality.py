@@ -31,6 +31,11 @@ def test_quick_quality_bench_runs_end_to_end(tmp_path, mnist_dir):
     systems = [r["system"] for r in res["rows"]]
     assert systems == ["ddlab", "ddlab", "diffusers baseline"]
     assert [(r["sampler"]["kind"], r["sampler"]["steps"]) for r in res["rows"][:2]] == [("ddim", 4), ("dpmpp_2m", 2)]
+    # training figures of the ddlab run: the data batch (not eval's) and the optimizer steps (not the sampler's)
+    metrics = json.loads((Path(res["grids"]) / "ddlab" / "metrics.json").read_text())
+    for r in res["rows"][:2]:
+        assert r["batch_size"] == 64 and r["steps"] == metrics["global_step"]
+        assert r["images_per_s"] == pytest.approx(metrics["global_step"] * 64 / 6)
     for r in res["rows"]:
         assert r["num_samples"] == 20
         assert math.isfinite(r["fid"]) and r["fid"] >= 0

@@ -54,6 +54,9 @@ def test_recipes_keep_their_settings(tmp_path):
     assert c.module.timestep_sampler == "loss_aware" and c.model.out_channels == 6  # 2C for learned sigmas
     c = compose(["experiment=mnist_cfg"], output_dir=tmp_path)
     assert c.data.num_classes == 10 and c.module.p_uncond > 0 and c.sampler.guidance_scale > 1
+    # the measured winner of experiments/mnist_quality
+    assert (c.scheduler.prediction, c.scheduler.min_snr_gamma, c.data.image_size) == ("v", 5.0, 28)
+    assert (c.sampler.kind, c.sampler.steps) == ("dpmpp_2m", 10)
     c = compose(["experiment=mnist_ddpm"], output_dir=tmp_path)
     assert (c.scheduler.schedule, c.sampler.kind, c.data.num_classes) == ("linear", "ddpm", 0)
 

@@ -48,7 +48,7 @@ def test_fid_against_own_statistics_is_zero_and_grows_with_perturbation(tmp_path
 
 
 @pytest.mark.slow
-def test_fid_cli_on_checkpoint_then_on_its_npz(tmp_path, inception_weights):
+def test_fid_cli_on_checkpoint_then_on_its_npz(tmp_path, inception_weights, mnist_dir):
     run = tmp_path / "train"
     cfg = compose(["model.base_channels=8", "model.channel_mult=[1,2]", "data.image_size=28", "scheduler.num_timesteps=10",
                    "sampler.progress=false", "data.limit=16", "data.val_limit=8", "data.batch_size=8", "trainer.max_time=null",
@@ -83,6 +83,24 @@ def test_fid_cli_on_checkpoint_then_on_its_npz(tmp_path, inception_weights):
     assert rec2["reference"]["cache"] == "hit" and rec2["num_samples"] == 6
     assert rec2["fid"] == pytest.approx(rec["fid"], rel=1e-6)
     assert json.loads((tmp_path / "again.json").read_text())["fid"] == rec2["fid"]
+
+
+    # `make fid` with the offline MNIST domain metric: same checkpoint, the Makefile's N / STEPS / GUIDANCE
+    from ddlab.metrics.classifier import train_classifier
+
+    cnn = train_classifier(mnist_dir, tmp_path / "cnn.pt", epochs=1, limit=500, test_limit=100, progress=False)["path"]
+    out3 = tmp_path / "make_fid"
+    args = (f"fid.feature_extractor=mnist_cnn fid.classifier_path={cnn} fid.cache_dir={cache} reference.limit=8 "
+            f"batch_size=4 progress=false sampler.kind=dpmpp_2m hydra.run.dir={out3}")
+    r = subprocess.run(["make", "-s", "-o", str(ROOT / ".venv" / ".ddlab-installed"), f"PY={sys.executable}", "fid", f"CKPT={ckpt}",
+                        "N=10", "STEPS=3", "GUIDANCE=2", f"ARGS={args}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-4000:]
+    rec3 = json.loads((out3 / "fid.json").read_text())
+    assert rec3["feature_extractor"] == "mnist_cnn" and rec3["num_samples"] == 10
+    assert rec3["sampler"]["steps"] == 3 and rec3["sampler"]["guidance_scale"] == 2 and rec3["sampler"]["kind"] == "dpmpp_2m"
+    assert 0 <= rec3["class_accuracy"] <= 1 and rec3["reference"]["key"].split("-")[-2] == "mnist_cnn"
+    assert "class_accuracy=" in r.stdout
 
 
 def test_fid_cli_errors_name_the_fix(tmp_path):
