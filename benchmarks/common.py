@@ -76,6 +76,29 @@ def rss_mb() -> float:
         return float("nan")
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (Linux: ``/proc/self/clear_refs`` = 5 resets VmHWM), so a later
+    :func:`peak_rss_mb` measures from now on rather than counting import and start-up peaks."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS since the last :func:`reset_peak_rss` (VmHWM), else since the start (``getrusage``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return max_rss_mb()
+
+
 def max_rss_mb() -> float:
     """Peak resident set size of this process so far in MiB (``getrusage``; KiB on Linux)."""
     import resource

@@ -39,7 +39,7 @@ from typing import Optional
 
 import torch
 
-from benchmarks.common import ROOT, compose, data_names, fmt, machine_info, max_rss_mb, now, preset_names, rss_mb, stats
+from benchmarks.common import ROOT, compose, data_names, fmt, machine_info, now, peak_rss_mb, preset_names, reset_peak_rss, rss_mb, stats
 
 SCHEMA = "ddlab-bench/1"
 DEFAULT_MODEL = "unet_res_mnist"
@@ -174,6 +174,7 @@ def run_lightning(case: Case, warmup: int, steps: int, mem: Optional[dict] = Non
         )
         if mem is not None:
             module.to(dev)
+            mem["peak_reset"] = reset_peak_rss()  # import and start-up peaks are not the training's memory
             mem["baseline_rss_mb"] = rss_mb()
         trainer.fit(module, train_dataloaders=case.loader(warmup + steps))
     return ends
@@ -203,6 +204,7 @@ def run_bare(case: Case, warmup: int, steps: int, mem: Optional[dict] = None, co
     num_classes = int(getattr(model, "num_classes", 0))
     params = list(model.parameters())
     if mem is not None:
+        mem["peak_reset"] = reset_peak_rss()
         mem["baseline_rss_mb"] = rss_mb()
     ends: list[float] = []
     step = 0
@@ -255,8 +257,9 @@ def memory_case(spec: dict) -> dict:
     case = Case(spec["preset"], spec["image_size"], spec["batch"], dev, spec.get("base_channels"))
     mem: dict = {}
     (run_lightning if spec["mode"] == "ddlab" else run_bare)(case, 1, 2, mem=mem)
-    peak = max_rss_mb()
-    return {"peak_rss_mb": peak, "baseline_rss_mb": mem["baseline_rss_mb"], "growth_mb": peak - mem["baseline_rss_mb"]}
+    peak = peak_rss_mb()
+    return {"peak_rss_mb": peak, "baseline_rss_mb": mem["baseline_rss_mb"], "growth_mb": peak - mem["baseline_rss_mb"],
+            "peak_reset": mem.get("peak_reset", False)}
 
 
 def cpu_memory(spec: dict) -> Optional[dict]:
@@ -545,7 +548,7 @@ def bench_presets(s: dict, notes: list):
 def markdown(result: dict) -> str:
     m, st = result["machine"], result["settings"]
     mem_note = ("peak `torch.cuda.max_memory_allocated`" if m["device"].startswith("cuda") else
-                "CPU: growth of max RSS over the RSS before the first step, fresh subprocess per case (3 steps)")
+                "CPU: peak-RSS growth over the RSS before the first step, peak reset there (start-up excluded), fresh subprocess per case (3 steps)")
     lines = [(f"Machine: `{m['host']}`, {m['processor']}, {m['cpu_count']} cores ({m['torch_threads']} torch threads), "
               f"torch {m['torch']}, lightning {m['lightning']}, device {m['device']}. "
               f"Median [min-max] of {st['repeats']} repeats after warm-up."), ""]
