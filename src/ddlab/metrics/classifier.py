@@ -208,23 +208,11 @@ class ClassifierFeatures:
         self.record = self.net.record
         self.name = f"{NAME}-{self.record['sha256'][:8]}"
 
-    @torch.no_grad()
     def extract(self, images, progress: bool = True, desc: str = "mnist_cnn features") -> dict:
-        from tqdm.auto import tqdm
+        from .inception import extract_layers
 
-        from .inception import to_uint8_nchw3
-
-        x = to_uint8_nchw3(images)
-        if len(x) == 0:
-            raise ValueError("no images to extract features from")
-        out: dict = {"fid": [], "logits": []}
-        with tqdm(total=len(x), desc=desc, unit="img", disable=not progress, leave=False) as bar:
-            for batch in x.split(self.batch_size):
-                feats, logits = self.net(batch.to(self.device))
-                out["fid"].append(feats.double().cpu())
-                out["logits"].append(logits.double().cpu())
-                bar.update(len(batch))
-        return {k: torch.cat(v).numpy() for k, v in out.items()}
+        out = extract_layers(self.net, images, self.batch_size, self.device, progress, desc)
+        return {"fid": out["features"], "logits": out["logits"]}
 
 
 def class_metrics(logits: np.ndarray, labels: np.ndarray | None, num_classes: int = 10) -> dict:

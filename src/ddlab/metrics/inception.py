@@ -132,22 +132,29 @@ class InceptionFeatures:
         ).to(self.device)
         self.name = f"{EXTRACTOR}-{weights_id(self.weights_path)}"
 
-    @torch.no_grad()
     def extract(self, images, progress: bool = True, desc: str = "Inception features") -> dict:
         """Features of uint8 images (see :func:`to_uint8_nchw3`), in batches of ``batch_size``."""
-        from tqdm.auto import tqdm
+        out = extract_layers(self.net, images, self.batch_size, self.device, progress, desc)
+        return {"fid": out["2048"], "logits": out["logits_unbiased"]}
 
-        x = to_uint8_nchw3(images)
-        if len(x) == 0:
-            raise ValueError("no images to extract features from")
-        out = {k: [] for k in FEATURE_LAYERS}
-        with tqdm(total=len(x), desc=desc, unit="img", disable=not progress, leave=False) as bar:
-            for batch in x.split(self.batch_size):
-                feats = self.net.convert_features_tuple_to_dict(self.net(batch.to(self.device)))
-                for k in FEATURE_LAYERS:
-                    out[k].append(feats[k].double().cpu())
-                bar.update(len(batch))
-        return {"fid": torch.cat(out["2048"]).numpy(), "logits": torch.cat(out["logits_unbiased"]).numpy()}
+
+@torch.no_grad()
+def extract_layers(net, images, batch_size: int, device: torch.device, progress: bool = True, desc: str = "features") -> dict:
+    """Run a torch-fidelity feature extractor over uint8 images (see :func:`to_uint8_nchw3`) in batches;
+    returns ``{layer: (N, D) float64 array}`` for the layers it was created with, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    x = to_uint8_nchw3(images)
+    if len(x) == 0:
+        raise ValueError("no images to extract features from")
+    out: dict = {k: [] for k in net.get_requested_features_list()}
+    with tqdm(total=len(x), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for batch in x.split(batch_size):
+            feats = net.convert_features_tuple_to_dict(net(batch.to(device)))
+            for k in out:
+                out[k].append(feats[k].double().cpu())
+            bar.update(len(batch))
+    return {k: torch.cat(v).numpy() for k, v in out.items()}
 
 
 @contextmanager
