@@ -16,11 +16,12 @@ requested labels, and the entropy of its predicted-class histogram.
   keeps the best by domain FID.
 
 This is a measurement, not a test: it prints a markdown table and writes
-``benchmarks/results/quality-<host>-<date>.json`` (plus sample grids), after each system.
+``benchmarks/results/quality-<host>-<date>-<time>.json`` (next to its folder of sample grids), after each system.
 
     python -m benchmarks.quality --budget 600                 # the 10-minute comparison
     python -m benchmarks.quality --budget 1800 --search       # 30 minutes, baseline tuned first
     python -m benchmarks.quality --budget 600 --ddlab-samplers dpmpp_2m:10,ddim:20   # more ddlab samplers
+    python -m benchmarks.quality --systems ddlab --ddlab-ckpt CKPT --ddlab-samplers dpmpp_2m:10:1,dpmpp_2m:10:2   # guidance scales
     python -m benchmarks.quality --systems ddlab --ddlab-ckpt run/checkpoints/last.ckpt   # score a checkpoint only
     python -m benchmarks.quality --budget 20 --samples 40 --quick   # smoke run (seconds)
 """
@@ -216,6 +217,22 @@ def save_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_class: int
 
 
 # ---------------------------------------------------------------------------------------------- driver
+def parse_sampler_spec(spec: str) -> tuple[str | None, int, float | None]:
+    """``steps``, ``kind:steps`` or ``kind:steps:guidance`` -> (kind, steps, guidance); None keeps the config's."""
+    parts = spec.strip().split(":")
+    try:
+        if len(parts) == 1:
+            return None, int(parts[0]), None
+        if len(parts) == 2:
+            return parts[0], int(parts[1]), None
+        if len(parts) == 3:
+            return parts[0], int(parts[1]), float(parts[2])
+    except ValueError:
+        pass
+    raise SystemExit(f"--ddlab-samplers: cannot read {spec!r}; use steps, kind:steps or kind:steps:guidance "
+                     "(e.g. 20, dpmpp_2m:10, dpmpp_2m:10:2)")
+
+
 def _markdown(result: dict) -> str:
     lines = [f"Budget {result['budget_s']:.0f} s per system, {result['samples']} guided samples each, "
              f"{result['machine']['cpu_threads']} torch threads on {result['machine']['host']} ({result['date']}).", "",
@@ -240,7 +257,7 @@ def main(argv=None) -> dict:
     p.add_argument("--samples", type=int, default=500, help="guided samples per system")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--systems", default="ddlab,baseline")
-    p.add_argument("--ddlab-samplers", default="", help="extra ddlab samplers to score: [kind:]steps, e.g. dpmpp_2m:10,ddim:20")
+    p.add_argument("--ddlab-samplers", default="", help="extra ddlab samplers to score: [kind:]steps[:guidance], e.g. dpmpp_2m:10,ddim:20,dpmpp_2m:10:2")
     p.add_argument("--sample-batch", type=int, default=100, help="sampling batch (CPU throughput drops for very large batches)")
     p.add_argument("--ddlab-args", default="", help="extra Hydra overrides for the ddlab run (space separated)")
     p.add_argument("--ddlab-ckpt", default=None, help="score this checkpoint instead of training ddlab")
@@ -265,7 +282,7 @@ def main(argv=None) -> dict:
     out_dir = Path(args.out)
     work = out_dir / f"quality-{socket.gethostname()}-{started:%Y%m%d-%H%M%S}"
     work.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / f"quality-{socket.gethostname()}-{started:%Y-%m-%d}.json"
+    json_path = out_dir / f"{work.name}.json"  # one file per run: a second run on the same day keeps the first
 
     from ddlab.metrics.classifier import default_path, train_classifier
 
@@ -300,12 +317,13 @@ def main(argv=None) -> dict:
                             steps=m.get("global_step"))
         else:
             info = train_ddlab(args.budget, work / "ddlab", args.threads, extra)
-        extra_samplers = [(None, None)] + [((spec.split(":")[0] if ":" in spec else None), int(spec.split(":")[-1]))
-                                           for spec in args.ddlab_samplers.split(",") if spec]
-        for kind, steps in extra_samplers:
-            images, labels, smp = sample_ddlab(info["ckpt"], args.samples, steps, None, seed=1, batch_size=args.sample_batch, kind=kind)
+        extra_samplers = [(None, None, None)] + [parse_sampler_spec(spec) for spec in args.ddlab_samplers.split(",") if spec]
+        for kind, steps, guidance in extra_samplers:
+            images, labels, smp = sample_ddlab(info["ckpt"], args.samples, steps, guidance, seed=1, batch_size=args.sample_batch,
+                                               kind=kind)
             row = {"system": "ddlab", **{k: v for k, v in info.items() if k != "ckpt"}, **smp, **scorer(images, labels)}
-            save_grid(images, labels, work / f"ddlab_{smp['sampler']['kind']}{smp['sampler']['steps']}.png")
+            sc = smp["sampler"]
+            save_grid(images, labels, work / f"ddlab_{sc['kind']}{sc['steps']}_w{sc['guidance_scale']:g}.png")
             result["rows"].append(row)
             _progress(f"ddlab: {row['sampler']['kind']}-{row['sampler']['steps']}: FID {row['fid']:.3f}, acc {row['class_accuracy']:.3f}, "
                       f"{row['sampling_seconds']:.1f} s")
