@@ -11,7 +11,7 @@ ifeq ($(origin DDLAB_DATA_DIR), undefined)
   endif
 endif
 ARGS ?=
-# `make train`'s recipe (configs/experiment/); EXPERIMENT=null trains the plain base config
+# `make train`'s recipe (configs/experiment/); `make train EXPERIMENT=` trains the plain base config
 EXPERIMENT ?= mnist_cfg
 N ?= 50000
 STEPS ?= 50
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 train: install  ## the default 10-minute MNIST job, experiment=mnist_cfg (extra Hydra overrides: ARGS="...")
-	$(PY) -m ddlab.train experiment=$(EXPERIMENT) torch_threads=2 $(ARGS)
+	$(PY) -m ddlab.train $(if $(EXPERIMENT),experiment=$(EXPERIMENT)) torch_threads=2 $(ARGS)
 
 test: install  ## the whole test suite
 	$(PY) -m pytest -q $(PYTEST_ARGS)

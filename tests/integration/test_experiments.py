@@ -61,6 +61,22 @@ def test_recipes_keep_their_settings(tmp_path):
     assert (c.scheduler.schedule, c.sampler.kind, c.data.num_classes) == ("linear", "ddpm", 0)
 
 
+def test_make_train_runs_the_winning_recipe():
+    import shlex
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    def train_cmd(*extra):
+        out = subprocess.run(["make", "-n", "-o", str(ROOT / ".venv" / ".ddlab-installed"), "train", *extra], cwd=ROOT,
+                             check=True, capture_output=True, text=True).stdout
+        return shlex.split([line for line in out.splitlines() if "ddlab.train" in line][-1])
+
+    cmd = train_cmd()
+    assert "experiment=mnist_cfg" in cmd and "torch_threads=2" in cmd
+    assert not any(a.startswith("experiment=") for a in train_cmd("EXPERIMENT="))  # the plain base config
+
+
 def test_block_ablation_is_one_multirun_over_the_zoo():
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
