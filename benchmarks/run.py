@@ -71,6 +71,7 @@ def settings_for(args) -> dict:
         v = getattr(args, key, None)
         if v is not None:
             s[key] = v
+    s["sample_repeats"] = getattr(args, "sample_repeats", None) or s["repeats"]
     if args.base_channels is not None:
         s["base_channels"] = None if args.base_channels <= 0 else args.base_channels
         s["sample_base_channels"] = s["base_channels"]
@@ -404,7 +405,7 @@ def bench_sampling(s: dict, dev: torch.device, notes: list) -> list[dict]:
                 ddlab_fn(min(2, steps), scale)
                 diff_fn(min(2, steps), scale)
             times = {(impl, scale): [] for impl in ("ddlab", "diffusers") for scale in (1.0, w)}
-            for r in range(s["repeats"]):
+            for r in range(s["sample_repeats"]):
                 for scale in (1.0, w):
                     order = (("ddlab", ddlab_fn), ("diffusers", diff_fn))
                     for impl, fn in (order if r % 2 == 0 else order[::-1]):
@@ -564,6 +565,7 @@ def markdown(result: dict) -> str:
     if result["sampling"]:
         r0 = result["sampling"][0]
         lines += [(f"**Sampling** (batch {r0['batch_size']}, image {tuple(r0['image_shape'])}, {' '.join(r0['model_overrides']) or 'default model'}; "
+                  f"{st.get('sample_repeats', st['repeats'])} repeats; "
                   "ratio = ddlab img/s / diffusers img/s; guidance cost = time with / without guidance)"), "",
                   "| sampler | steps | guidance | ddlab img/s | diffusers img/s | ddlab / diffusers | guidance cost |", "|---|---|---|---|---|---|---|"]
         for r in result["sampling"]:
@@ -645,6 +647,7 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=None, help="untimed training steps per repeat")
     p.add_argument("--train-batch", type=int, default=None)
     p.add_argument("--sample-batch", type=int, default=None)
+    p.add_argument("--sample-repeats", type=int, default=None, help="repeats of each sampling run (default --repeats; a DDPM-1000 run is long)")
     p.add_argument("--ddim-steps", type=int, default=None)
     p.add_argument("--ddpm-steps", type=int, default=None)
     p.add_argument("--base-channels", type=int, default=None, help="model.base_channels override (0: the presets' own)")

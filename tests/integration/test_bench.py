@@ -30,7 +30,8 @@ def _check_stat(s: dict, where: str) -> None:
 def quick_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--threads", "1", "--out", str(out), "--only", "train,sampling,data,scaling"]
+    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--threads", "1", "--out", str(out), "--only", "train,sampling,data,scaling",
+           "--sample-repeats", "3"]
     proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     files = list(out.glob("*.json"))
@@ -60,6 +61,7 @@ def test_quick_bench_schema(quick_result):
     for r in res["sampling"]:
         for k in ("ddlab_images_per_s", "diffusers_images_per_s", "ratio", "guidance_cost"):
             _check_stat(r[k], f"sampling {r['kind']} w={r['guidance_scale']} {k}")
+        assert r["ddlab_images_per_s"]["n"] == 3  # --sample-repeats, apart from the other sections' 2
 
     mnist = [r for r in res["data"] if r["data"] == "mnist"]
     assert mnist, res["notes"]
