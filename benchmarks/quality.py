@@ -22,6 +22,7 @@ This is a measurement, not a test: it prints a markdown table and writes
     python -m benchmarks.quality --budget 1800 --search       # 30 minutes, baseline tuned first
     python -m benchmarks.quality --budget 600 --ddlab-samplers dpmpp_2m:10,ddim:20   # more ddlab samplers
     python -m benchmarks.quality --systems ddlab --ddlab-ckpt CKPT --ddlab-samplers dpmpp_2m:10:1,dpmpp_2m:10:2   # guidance scales
+    python -m benchmarks.quality --systems baseline --baseline-ckpt DIR/baseline_ema.pt --baseline-samplers ddim:50:2
     python -m benchmarks.quality --systems ddlab --ddlab-ckpt run/checkpoints/last.ckpt   # score a checkpoint only
     python -m benchmarks.quality --budget 20 --samples 40 --quick   # smoke run (seconds)
 """
@@ -263,6 +264,8 @@ def main(argv=None) -> dict:
     p.add_argument("--ddlab-ckpt", default=None, help="score this checkpoint instead of training ddlab")
     p.add_argument("--baseline-steps", type=int, default=50, help="DDIM steps of the baseline")
     p.add_argument("--guidance", type=float, default=3.0, help="guidance scale of the baseline (ddlab uses its config's)")
+    p.add_argument("--baseline-ckpt", default=None, help="re-score this baseline_ema.pt (written by an earlier run) instead of training")
+    p.add_argument("--baseline-samplers", default="", help="extra baseline DDIM settings to score: steps or ddim:steps:guidance")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--width", default="32,64,64")
@@ -287,7 +290,7 @@ def main(argv=None) -> dict:
     from ddlab.metrics.classifier import default_path, train_classifier
 
     cls_path = Path(args.classifier) if args.classifier else default_path()
-    if args.quick:
+    if args.quick and not args.classifier:
         cls_path = work / "mnist_cnn.pt"
     if not cls_path.is_file():
         _progress(f"no classifier at {cls_path}: training it")
@@ -330,6 +333,8 @@ def main(argv=None) -> dict:
             write()
 
     if "baseline" in systems:
+        if args.baseline_ckpt and args.search:
+            raise SystemExit("--baseline-ckpt re-scores a trained baseline; it cannot be combined with --search")
         width = tuple(int(w) for w in args.width.split(","))
         best = {"lr": args.lr, "batch_size": args.batch_size, "width": width}
         if args.search:
@@ -348,15 +353,30 @@ def main(argv=None) -> dict:
                 write()
             top = min(result["search"], key=lambda r: r["fid"])["settings"]
             best = {"lr": top["lr"], "batch_size": top["batch_size"], "width": tuple(top["width"])}
-        tr = train_baseline(args.budget, args.data_dir, **best)
-        images, labels, smp = sample_baseline(tr["model"], tr["scheduler_config"], args.samples, args.baseline_steps, args.guidance,
-                                              seed=1, batch_size=args.sample_batch)
-        row = {"system": "diffusers baseline", **{k: v for k, v in tr.items() if k not in ("model", "scheduler_config")},
-               **smp, **scorer(images, labels)}
-        save_grid(images, labels, work / "baseline.png")
-        result["rows"].append(row)
-        _progress(f"baseline: FID {row['fid']:.3f}, acc {row['class_accuracy']:.3f}, {row['sampling_seconds']:.1f} s")
-        write()
+        if args.baseline_ckpt:  # re-score a saved baseline (its baseline_ema.pt) instead of training one
+            tr = torch.load(args.baseline_ckpt, map_location="cpu", weights_only=False)
+            tr["model"] = baseline_model(tuple(tr["settings"]["width"]))
+            tr["model"].load_state_dict(tr.pop("ema_state_dict"))
+            tr["model"].eval()
+        else:
+            tr = train_baseline(args.budget, args.data_dir, **best)
+            torch.save({"ema_state_dict": tr["model"].state_dict(), **{k: v for k, v in tr.items() if k != "model"}},
+                       work / "baseline_ema.pt")  # to look at, or re-score with --baseline-ckpt
+        specs = [(args.baseline_steps, args.guidance)]
+        for kind, steps, g in (parse_sampler_spec(spec) for spec in args.baseline_samplers.split(",") if spec):
+            if kind not in (None, "ddim"):
+                raise SystemExit(f"--baseline-samplers: the baseline samples with ddim, not {kind!r}")
+            specs.append((steps, args.guidance if g is None else g))
+        for i, (steps, guidance) in enumerate(specs):
+            images, labels, smp = sample_baseline(tr["model"], tr["scheduler_config"], args.samples, steps, guidance,
+                                                  seed=1, batch_size=args.sample_batch)
+            row = {"system": "diffusers baseline", **{k: v for k, v in tr.items() if k not in ("model", "scheduler_config")},
+                   **smp, **scorer(images, labels)}
+            save_grid(images, labels, work / ("baseline.png" if i == 0 else f"baseline_ddim{steps}_w{guidance:g}.png"))
+            result["rows"].append(row)
+            _progress(f"baseline ddim-{steps} w={guidance:g}: FID {row['fid']:.3f}, acc {row['class_accuracy']:.3f}, "
+                      f"{row['sampling_seconds']:.1f} s")
+            write()
 
     result["markdown"] = _markdown(result)
     result["grids"] = str(work)
