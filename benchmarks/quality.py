@@ -218,7 +218,7 @@ def save_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_class: int
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def parse_sampler_spec(spec: str) -> tuple[str | None, int, float | None]:
+def parse_sampler_spec(spec: str, option: str = "--ddlab-samplers") -> tuple[str | None, int, float | None]:
     """``steps``, ``kind:steps`` or ``kind:steps:guidance`` -> (kind, steps, guidance); None keeps the config's."""
     parts = spec.strip().split(":")
     try:
@@ -230,7 +230,7 @@ def parse_sampler_spec(spec: str) -> tuple[str | None, int, float | None]:
             return parts[0], int(parts[1]), float(parts[2])
     except ValueError:
         pass
-    raise SystemExit(f"--ddlab-samplers: cannot read {spec!r}; use steps, kind:steps or kind:steps:guidance "
+    raise SystemExit(f"{option}: cannot read {spec!r}; use steps, kind:steps or kind:steps:guidance "
                      "(e.g. 20, dpmpp_2m:10, dpmpp_2m:10:2)")
 
 
@@ -279,6 +279,15 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--quick", action="store_true", help="smoke run: tiny classifier and ddlab model, few steps")
     args = p.parse_args(argv)
+    # read the sampler lists before any training, so a typo fails in a second, not after the budget
+    ddlab_specs = [parse_sampler_spec(spec) for spec in args.ddlab_samplers.split(",") if spec]
+    baseline_specs = [(args.baseline_steps, args.guidance)]
+    for kind, steps, g in (parse_sampler_spec(spec, "--baseline-samplers") for spec in args.baseline_samplers.split(",") if spec):
+        if kind not in (None, "ddim"):
+            raise SystemExit(f"--baseline-samplers: the baseline samples with ddim, not {kind!r}")
+        baseline_specs.append((steps, args.guidance if g is None else g))
+    if args.baseline_ckpt and args.search:
+        raise SystemExit("--baseline-ckpt re-scores a trained baseline; it cannot be combined with --search")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("DDLAB_DATA_DIR", args.data_dir)
     started = _dt.datetime.now()
@@ -320,8 +329,7 @@ def main(argv=None) -> dict:
                             steps=m.get("global_step"))
         else:
             info = train_ddlab(args.budget, work / "ddlab", args.threads, extra)
-        extra_samplers = [(None, None, None)] + [parse_sampler_spec(spec) for spec in args.ddlab_samplers.split(",") if spec]
-        for kind, steps, guidance in extra_samplers:
+        for kind, steps, guidance in [(None, None, None), *ddlab_specs]:
             images, labels, smp = sample_ddlab(info["ckpt"], args.samples, steps, guidance, seed=1, batch_size=args.sample_batch,
                                                kind=kind)
             row = {"system": "ddlab", **{k: v for k, v in info.items() if k != "ckpt"}, **smp, **scorer(images, labels)}
@@ -333,8 +341,6 @@ def main(argv=None) -> dict:
             write()
 
     if "baseline" in systems:
-        if args.baseline_ckpt and args.search:
-            raise SystemExit("--baseline-ckpt re-scores a trained baseline; it cannot be combined with --search")
         width = tuple(int(w) for w in args.width.split(","))
         best = {"lr": args.lr, "batch_size": args.batch_size, "width": width}
         if args.search:
@@ -362,12 +368,7 @@ def main(argv=None) -> dict:
             tr = train_baseline(args.budget, args.data_dir, **best)
             torch.save({"ema_state_dict": tr["model"].state_dict(), **{k: v for k, v in tr.items() if k != "model"}},
                        work / "baseline_ema.pt")  # to look at, or re-score with --baseline-ckpt
-        specs = [(args.baseline_steps, args.guidance)]
-        for kind, steps, g in (parse_sampler_spec(spec) for spec in args.baseline_samplers.split(",") if spec):
-            if kind not in (None, "ddim"):
-                raise SystemExit(f"--baseline-samplers: the baseline samples with ddim, not {kind!r}")
-            specs.append((steps, args.guidance if g is None else g))
-        for i, (steps, guidance) in enumerate(specs):
+        for i, (steps, guidance) in enumerate(baseline_specs):
             images, labels, smp = sample_baseline(tr["model"], tr["scheduler_config"], args.samples, steps, guidance,
                                                   seed=1, batch_size=args.sample_batch)
             row = {"system": "diffusers baseline", **{k: v for k, v in tr.items() if k not in ("model", "scheduler_config")},

@@ -83,3 +83,15 @@ def test_saved_baseline_rescores_to_the_same_samples(tmp_path, mnist_dir):
     (a,), (b,) = res_a["rows"], res_b["rows"]
     assert (b["steps"], b["params"], b["settings"]) == (a["steps"], a["params"], a["settings"])
     assert b["fid"] == pytest.approx(a["fid"], rel=1e-6) and b["class_accuracy"] == a["class_accuracy"]
+
+
+def test_bad_sampler_specs_fail_before_training(tmp_path):
+    from benchmarks.quality import main
+
+    with pytest.raises(SystemExit, match="--baseline-samplers: the baseline samples with ddim"):
+        main(["--systems", "baseline", "--baseline-samplers", "dpmpp_2m:10", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--baseline-samplers: cannot read"):
+        main(["--systems", "baseline", "--baseline-samplers", "ddim:x", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="cannot be combined with --search"):
+        main(["--baseline-ckpt", "b.pt", "--search", "--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())  # nothing trained, nothing written
