@@ -371,6 +371,7 @@ def bench_sampling(s: dict, dev: torch.device, notes: list) -> list[dict]:
     from hydra.utils import instantiate
 
     from ddlab.diffusion import Sampler
+    from ddlab.diffusion.sampling import resolve_guidance_batching
 
     try:
         import diffusers  # noqa: F401
@@ -391,8 +392,9 @@ def bench_sampling(s: dict, dev: torch.device, notes: list) -> list[dict]:
         eta = 0.0 if kind == "ddim" else 1.0
         _progress(f"sampling {kind} {steps} steps, batch {b}")
 
-        def ddlab_fn(n_steps, scale, kind=kind, eta=eta):
-            sampler = Sampler(kind=kind, steps=n_steps, eta=eta, spacing="trailing", clip_x0=True, guidance_scale=scale, progress=False)
+        def ddlab_fn(n_steps, scale, batching="auto", kind=kind, eta=eta):
+            sampler = Sampler(kind=kind, steps=n_steps, eta=eta, spacing="trailing", clip_x0=True, guidance_scale=scale,
+                              guidance_batching=batching, progress=False)
             g = torch.Generator(device=dev).manual_seed(0)
             return sampler.sample(model, diffusion, shape, y=y, generator=g)
 
@@ -400,27 +402,40 @@ def bench_sampling(s: dict, dev: torch.device, notes: list) -> list[dict]:
             g = torch.Generator(device=dev).manual_seed(0)
             return diffusers_loop(model, cfg.scheduler, kind, n_steps, shape, y, scale, g, dev)
 
+        # guided: ddlab both ways (one forward of 2B, two of B); `auto` picks one of them per device
+        impls = {1.0: [("ddlab", ddlab_fn), ("diffusers", diff_fn)],
+                 w: [("ddlab_joint", lambda n, sc: ddlab_fn(n, sc, "joint")), ("ddlab_split", lambda n, sc: ddlab_fn(n, sc, "split")),
+                     ("diffusers", diff_fn)]}
         with torch.inference_mode():
             for scale in (1.0, w):  # warm-up: a few steps of each, same shapes
-                ddlab_fn(min(2, steps), scale)
-                diff_fn(min(2, steps), scale)
-            times = {(impl, scale): [] for impl in ("ddlab", "diffusers") for scale in (1.0, w)}
+                for _, fn in impls[scale]:
+                    fn(min(2, steps), scale)
+            times = {(impl, scale): [] for scale in (1.0, w) for impl, _ in impls[scale]}
             for r in range(s["sample_repeats"]):
                 for scale in (1.0, w):
-                    order = (("ddlab", ddlab_fn), ("diffusers", diff_fn))
+                    order = impls[scale]
                     for impl, fn in (order if r % 2 == 0 else order[::-1]):
                         t0 = now(dev)
                         fn(steps, scale)
                         times[(impl, scale)].append(now(dev) - t0)
+        auto = resolve_guidance_batching("auto", dev)
+        times[("ddlab", w)] = times[(f"ddlab_{auto}", w)]
+        base = times[("ddlab", 1.0)]
         for scale in (1.0, w):
             dl, df = times[("ddlab", scale)], times[("diffusers", scale)]
-            rows.append({
+            row = {
                 "kind": kind, "steps": steps, "batch_size": b, "guidance_scale": scale, "model_overrides": extra,
                 "image_shape": list(shape[1:]),
                 "ddlab_images_per_s": stats(b / t for t in dl), "diffusers_images_per_s": stats(b / t for t in df),
                 "ratio": stats(a / c for a, c in zip(df, dl)),  # ddlab images/s over diffusers images/s
-                "guidance_cost": stats(a / c for a, c in zip(dl, times[("ddlab", 1.0)])),  # time with / without guidance
-            })
+                "guidance_cost": stats(a / c for a, c in zip(dl, base)),  # time with / without guidance
+            }
+            if scale != 1.0:
+                row["guidance_batching"] = auto  # what the default (`auto`) ran; both are timed
+                for mode in ("joint", "split"):
+                    row[f"guidance_cost_{mode}"] = stats(a / c for a, c in zip(times[(f"ddlab_{mode}", scale)], base))
+                row["diffusers_guidance_cost"] = stats(a / c for a, c in zip(df, times[("diffusers", 1.0)]))
+            rows.append(row)
     return rows
 
 
@@ -566,12 +581,17 @@ def markdown(result: dict) -> str:
         r0 = result["sampling"][0]
         lines += [(f"**Sampling** (batch {r0['batch_size']}, image {tuple(r0['image_shape'])}, {' '.join(r0['model_overrides']) or 'default model'}; "
                   f"{st.get('sample_repeats', st['repeats'])} repeats; "
-                  "ratio = ddlab img/s / diffusers img/s; guidance cost = time with / without guidance)"), "",
-                  "| sampler | steps | guidance | ddlab img/s | diffusers img/s | ddlab / diffusers | guidance cost |", "|---|---|---|---|---|---|---|"]
+                  "ratio = ddlab img/s / diffusers img/s; guidance cost = time with / without guidance; ddlab guided rows use "
+                  "`guidance_batching=auto`, and both of its modes are timed: one forward of twice the batch (joint) or two forwards (split))"), "",
+                  "| sampler | steps | guidance | ddlab img/s | diffusers img/s | ddlab / diffusers | guidance cost (auto) | joint | split | diffusers |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["sampling"]:
-            gc = fmt(r["guidance_cost"], 2) if r["guidance_scale"] != 1.0 else "-"
+            guided = r["guidance_scale"] != 1.0
+            gc = f"{fmt(r['guidance_cost'], 2)} ({r.get('guidance_batching', 'joint')})" if guided else "-"
+            extra_cols = " | ".join(fmt(r[k], 2) if guided and k in r else "-"
+                                    for k in ("guidance_cost_joint", "guidance_cost_split", "diffusers_guidance_cost"))
             lines.append(f"| {r['kind']} | {r['steps']} | {r['guidance_scale']:g} | {fmt(r['ddlab_images_per_s'], 2)} | "
-                         f"{fmt(r['diffusers_images_per_s'], 2)} | {fmt(r['ratio'], 3)} | {gc} |")
+                         f"{fmt(r['diffusers_images_per_s'], 2)} | {fmt(r['ratio'], 3)} | {gc} | {extra_cols} |")
         lines.append("")
     if result["data"]:
         lines += ["**Data loading** (delivered by the DataModule's train loader vs consumed by the ddlab training step at the same shape and batch)", "",

@@ -62,6 +62,11 @@ def test_quick_bench_schema(quick_result):
         for k in ("ddlab_images_per_s", "diffusers_images_per_s", "ratio", "guidance_cost"):
             _check_stat(r[k], f"sampling {r['kind']} w={r['guidance_scale']} {k}")
         assert r["ddlab_images_per_s"]["n"] == 3  # --sample-repeats, apart from the other sections' 2
+        if r["guidance_scale"] != 1.0:  # both guidance batchings are timed; the CPU default is split
+            assert r["guidance_batching"] == "split"
+            for k in ("guidance_cost_joint", "guidance_cost_split", "diffusers_guidance_cost"):
+                _check_stat(r[k], f"sampling {r['kind']} {k}")
+            assert r["guidance_cost"] == r["guidance_cost_split"]
 
     mnist = [r for r in res["data"] if r["data"] == "mnist"]
     assert mnist, res["notes"]

@@ -141,6 +141,38 @@ def test_guidance_combines_by_hand_in_one_forward():
     torch.testing.assert_close(guided_model_fn(net, 0.0)(x, t, y), net(x, t, None))
 
 
+def test_split_guidance_matches_joint_in_two_forwards():
+    x = torch.randn(3, 1, 2, 2)
+    t = torch.tensor([10, 50, 90])
+    y = torch.tensor([0, 2, 1])
+    joint_net, split_net = CountingNet(), CountingNet()
+    joint = guided_model_fn(joint_net, 2.5, batching="joint")(x, t, y)
+    split = guided_model_fn(split_net, 2.5, batching="split")(x, t, y)
+    assert joint_net.batch_sizes == [6] and split_net.batch_sizes == [3, 3]
+    torch.testing.assert_close(split, joint)
+    # a whole sampling run gives the same images either way, on a real U-Net
+    from ddlab.models import UNet
+
+    torch.manual_seed(0)
+    unet = UNet(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_classes=3).eval()
+    d = GaussianDiffusion(num_timesteps=20)
+    images = {}
+    for batching in ("joint", "split"):
+        s = Sampler(kind="dpmpp_2m", steps=4, guidance_scale=2.0, guidance_batching=batching, progress=False)
+        images[batching] = s.sample(unet, d, (3, 1, 8, 8), y=y, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(images["split"], images["joint"], atol=1e-5, rtol=1e-5)
+
+
+def test_guidance_batching_auto_and_bad_names():
+    from ddlab.diffusion.sampling import resolve_guidance_batching
+
+    assert resolve_guidance_batching("auto", "cpu") == "split"
+    assert resolve_guidance_batching("auto", "cuda") == "joint"
+    assert resolve_guidance_batching("joint", "cpu") == "joint"
+    with pytest.raises(ValueError, match="sampler.guidance_batching"):
+        Sampler(guidance_batching="both")
+
+
 def test_guidance_on_unconditional_model_is_an_error():
     net = CountingNet(num_classes=0)
     with pytest.raises(ValueError, match="without labels"):
