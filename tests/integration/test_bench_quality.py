@@ -23,7 +23,7 @@ def test_quick_quality_bench_runs_end_to_end(tmp_path, mnist_dir):
     env = dict(os.environ, PYTHONPATH=str(ROOT), DDLAB_DATA_DIR=str(mnist_dir))
     cmd = [sys.executable, "-m", "benchmarks.quality", "--quick", "--budget", "6", "--samples", "20", "--baseline-steps", "3",
            "--threads", "1", "--out", str(tmp_path), "--search", "--search-budget", "1", "--search-samples", "10",
-           "--search-steps", "2", "--ddlab-samplers", "ddim:2:1.5", "--baseline-samplers", "ddim:2:1", "--sample-batch", "8"]
+           "--search-steps", "2", "--ddlab-samplers", "ddim:2:1.5", "--baseline-samplers", "ddim:2:1,ddim:3:1.25", "--sample-batch", "8"]
     proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     files = list(tmp_path.glob("quality-*.json"))
@@ -31,9 +31,9 @@ def test_quick_quality_bench_runs_end_to_end(tmp_path, mnist_dir):
     res = json.loads(files[0].read_text())
     systems = [r["system"] for r in res["rows"]]
     assert systems == ["ddlab", "ddlab", "diffusers baseline", "diffusers baseline"]
-    assert [(r["sampler"]["steps"], r["sampler"]["guidance_scale"]) for r in res["rows"][2:]] == [(3, 3.0), (2, 1.0)]
+    assert [(r["sampler"]["steps"], r["sampler"]["guidance_scale"]) for r in res["rows"][2:]] == [(3, 1.25), (2, 1.0)]  # ddim:3:1.25 is the default, scored once
     assert [(r["sampler"]["kind"], r["sampler"]["steps"], r["sampler"]["guidance_scale"]) for r in res["rows"][:2]] == [
-        ("dpmpp_2m", 4, 1.5), ("ddim", 2, 1.5)]
+        ("dpmpp_2m", 4, 1.25), ("ddim", 2, 1.5)]
     # training figures of the ddlab run: the data batch (not eval's) and the optimizer steps (not the sampler's)
     metrics = json.loads((Path(res["grids"]) / "ddlab" / "metrics.json").read_text())
     for r in res["rows"][:2]:
@@ -47,7 +47,7 @@ def test_quick_quality_bench_runs_end_to_end(tmp_path, mnist_dir):
     assert len(res["search"]) == 7  # lr x2, batch x2, width x2 around the starting point
     assert "| diffusers baseline |" in res["markdown"] and "| ddlab |" in proc.stdout
     grids = Path(res["grids"])
-    assert (grids / "baseline.png").is_file() and (grids / "ddlab_dpmpp_2m4_w1.5.png").is_file()
+    assert (grids / "baseline.png").is_file() and (grids / "ddlab_dpmpp_2m4_w1.25.png").is_file()
     assert (grids / "ddlab_ddim2_w1.5.png").is_file() and (grids / "baseline_ddim2_w1.png").is_file()
     saved = torch.load(grids / "baseline_ema.pt", weights_only=False)
     assert saved["settings"]["lr"] > 0 and saved["ema_state_dict"]
