@@ -42,6 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddlab.diffusion.sampling import GUIDANCE_BATCHING
+
 ROOT = Path(__file__).resolve().parents[1]
 NULL_CLASS = 10
 
@@ -272,7 +274,7 @@ def main(argv=None) -> dict:
     p.add_argument("--guidance", type=float, default=1.25,
                    help="guidance scale of the baseline, also in --search (ddlab uses its config's). 1.25 was the baseline's best "
                         "of 1/1.25/1.5/2/3 at 10 and 30 minutes (experiments/mnist_quality)")
-    p.add_argument("--guidance-batching", default="auto", choices=("auto", "joint", "split"),
+    p.add_argument("--guidance-batching", default="auto", choices=GUIDANCE_BATCHING,
                    help="how ddlab runs the guided passes: one forward of twice the batch, two forwards, or auto (split on CPU)")
     p.add_argument("--baseline-ckpt", default=None, help="re-score this baseline_ema.pt (written by an earlier run) instead of training")
     p.add_argument("--baseline-samplers", default="", help="extra baseline DDIM settings to score: steps or ddim:steps:guidance")
