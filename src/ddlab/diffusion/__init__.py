@@ -1,25 +1,38 @@
 """Diffusion math in plain PyTorch (no Lightning, no Hydra)."""
 
+from . import samplers
 from .gaussian import GaussianDiffusion
+from .guidance import GUIDANCE_BATCHING, check_guidance, guided_model_fn, resolve_guidance_batching
 from .likelihood import discretized_gaussian_log_likelihood, normal_kl
 from .respace import space_timesteps
-from .sampling import Sampler, check_guidance, ddim_step, guided_model_fn
+from .samplers import SAMPLERS
+from .sampling import ConfiguredSampler, DiscreteSampler, Sampler, SigmaSampler
 from .schedules import cosine_betas, linear_betas, make_betas
+from .sigmas import VPDenoiser, as_denoiser, karras_sigmas
 from .timestep_sampler import LossAwareSampler, UniformSampler, make_timestep_sampler
 
 __all__ = [
+    "ConfiguredSampler",
+    "DiscreteSampler",
+    "GUIDANCE_BATCHING",
     "GaussianDiffusion",
     "LossAwareSampler",
+    "SAMPLERS",
     "Sampler",
+    "SigmaSampler",
     "UniformSampler",
+    "VPDenoiser",
+    "as_denoiser",
     "check_guidance",
     "cosine_betas",
-    "ddim_step",
     "discretized_gaussian_log_likelihood",
     "guided_model_fn",
+    "karras_sigmas",
     "linear_betas",
     "make_betas",
     "make_timestep_sampler",
     "normal_kl",
+    "resolve_guidance_batching",
+    "samplers",
     "space_timesteps",
 ]

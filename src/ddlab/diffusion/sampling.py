@@ -1,214 +1,215 @@
-"""Sampling loops: DDPM ancestral and DDIM (eta), with classifier-free guidance.
+"""A configured sampler: one loop of :mod:`ddlab.diffusion.samplers` plus its settings.
 
-``eta`` relates to the ``DDIM_scale`` of gmongaras/Diffusion_models_from_scratch one to one:
-``DDIM_scale = 0`` is deterministic DDIM (``eta = 0``) and ``DDIM_scale = 1`` is the DDPM-like
-stochastic step (``eta = 1``), whose variance equals the posterior variance ``beta~`` of the
-respaced process, i.e. DDPM ancestral sampling with ``variance=fixed_small``.
+``hydra.utils.instantiate(cfg.sampler)`` calls a builder of :mod:`ddlab.diffusion.samplers`
+(``ddlab.diffusion.samplers.ddim``, ``...euler``, ...) and gets one of the objects below. They hold
+no state between calls: :meth:`ConfiguredSampler.sample` wraps the network for guidance, draws the
+start noise and runs the pure loop. Two kinds:
+
+* :class:`DiscreteSampler` (``ddpm``, ``ddim``, ``dpmpp_2m``): steps over a respaced subset of the
+  training timesteps of a discrete VP process (:class:`~ddlab.diffusion.GaussianDiffusion`).
+* :class:`SigmaSampler` (``euler``, ``heun``, ``dpmpp_2m_sigma``, ``euler_ancestral``, ``dpmpp_2m_sde``):
+  steps over noise levels sigma (Karras schedule or the model's own) with a denoiser ``D(x, sigma)``;
+  works on any formulation (EDM directly, ``GaussianDiffusion`` through :class:`~ddlab.diffusion.sigmas.VPDenoiser`).
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from .gaussian import GaussianDiffusion
+from .guidance import check_guidance, guided_model_fn, resolve_guidance_batching
 from .respace import SPACINGS, space_timesteps
+from .sigmas import as_denoiser, karras_sigmas
 
-KINDS = ("ddpm", "ddim", "dpmpp_2m")
-
-
-GUIDANCE_BATCHING = ("auto", "joint", "split")
+SCHEDULES = ("karras", "model")
 
 
-def resolve_guidance_batching(batching: str, device: torch.device | str) -> str:
-    """``auto`` is ``joint`` on accelerators and ``split`` on CPU.
-
-    Measured on a 2-core CPU (``make bench``, batch 64, small U-Net): guidance cost 2.17-2.45x the
-    unguided time with one forward of 2B and 1.81-1.97x with two of B. On a GPU one forward of 2B
-    fills the device better than two of B."""
-    if batching not in GUIDANCE_BATCHING:
-        raise ValueError(f"sampler.guidance_batching: unknown value {batching!r}; choose from {', '.join(GUIDANCE_BATCHING)}")
-    if batching == "auto":
-        return "split" if torch.device(device).type == "cpu" else "joint"
-    return batching
+def _int_or_none(key: str, value, what: str):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"sampler.{key} must be {what}, got {value!r}")
 
 
-def guided_model_fn(model: nn.Module, guidance_scale: float = 1.0, channels: Optional[int] = None, batching: str = "joint"):
-    """Wrap a network ``model(x, t, y)`` as a model function with classifier-free guidance.
+class ConfiguredSampler:
+    """Settings shared by every sampler; ``options`` are the solver's own (e.g. ``eta``).
 
-    With labels ``y`` and ``guidance_scale = w != 1`` the conditional and unconditional outputs are
-    combined as ``out_u + w (out_c - out_u)`` (Ho & Salimans 2022). ``batching="joint"`` runs both
-    passes as one forward of twice the batch; ``"split"`` runs two forwards (same result; faster on
-    CPU, see :func:`resolve_guidance_batching`). The combination is linear, so it is valid for eps,
-    x0 and v predictions; for learned variance only the first ``channels`` channels are guided and
-    the conditional variance is kept. ``y=None`` (or the null class, ``model.num_classes``) samples
-    unconditionally.
-    """
-    num_classes = int(getattr(model, "num_classes", 0))
-    if batching not in ("joint", "split"):
-        raise ValueError(f"guided_model_fn: batching must be 'joint' or 'split', got {batching!r}")
-
-    def fn(x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
-        if y is None or guidance_scale == 1.0:
-            return model(x, t, y)
-        null = torch.full_like(y, num_classes)
-        if batching == "split":
-            cond, uncond = model(x, t, y), model(x, t, null)
-        else:
-            cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
-        c = channels if channels is not None else x.shape[1]
-        guided = uncond[:, :c] + guidance_scale * (cond[:, :c] - uncond[:, :c])
-        return torch.cat([guided, cond[:, c:]], dim=1) if cond.shape[1] > c else guided
-
-    return fn
-
-
-def check_guidance(model: nn.Module, y: Optional[torch.Tensor], guidance_scale: float) -> None:
-    """Fail early when labels or guidance are asked of a model trained without labels."""
-    num_classes = int(getattr(model, "num_classes", 0))
-    if num_classes == 0 and (y is not None or guidance_scale != 1.0):
-        raise ValueError(
-            "this model was trained without labels (model.num_classes=0): classifier-free guidance "
-            f"(guidance_scale={guidance_scale}) and labels are not available; sample with guidance_scale=1 and no labels"
-        )
-    if y is not None and num_classes > 0 and ((y < 0) | (y > num_classes)).any():
-        raise ValueError(f"labels must lie in [0, {num_classes - 1}] (or {num_classes} for the null class)")
-
-
-class Sampler:
-    """A configured sampling procedure (``sampler=ddim|ddpm`` in Hydra).
-
-    Args:
-        kind: ``ddpm`` (ancestral, uses the model's variance), ``ddim``, or ``dpmpp_2m`` (DPM-Solver++(2M),
-            deterministic, second order: good samples in 10-20 steps; ``eta`` is ignored).
-        steps: number of sampling steps (``None``: all training steps).
-        eta: DDIM stochasticity in [0, 1] (0 deterministic; 1 DDPM-like).
-        spacing: ``leading``, ``trailing`` or ``linspace`` (see :func:`space_timesteps`).
-        step_size: keep every k-th step instead of ``steps`` (gmongaras's ``step_size``).
-        clip_x0: clip the predicted x0 to [-1, 1] at every step.
-        guidance_scale: classifier-free guidance weight ``w`` (1 = plain conditional).
-        guidance_batching: ``joint`` (conditional and unconditional passes in one forward of twice
-            the batch), ``split`` (two forwards) or ``auto`` (``split`` on CPU, ``joint`` elsewhere).
-        progress: show a progress bar.
+    Attributes read by callers: ``name``, ``steps``, ``guidance_scale``, ``guidance_batching``,
+    ``progress`` (False: no progress bar at all), ``config`` (the builder's arguments, as in YAML).
     """
 
-    def __init__(
-        self,
-        kind: str = "ddim",
-        steps: Optional[int] = 50,
-        eta: float = 0.0,
-        spacing: str = "trailing",
-        step_size: Optional[int] = None,
-        clip_x0: bool = True,
-        guidance_scale: float = 1.0,
-        guidance_batching: str = "auto",
-        progress: bool = True,
-    ):
-        if kind not in KINDS:
-            raise ValueError(f"sampler.kind: unknown sampler {kind!r}; choose from {', '.join(KINDS)}")
-        if not 0.0 <= float(eta) <= 1.0:
-            raise ValueError(f"sampler.eta must lie in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like), got {eta}")
-        if guidance_scale < 0:
-            raise ValueError(f"sampler.guidance_scale must be >= 0, got {guidance_scale}")
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-            raise ValueError(f"sampler.steps must be an integer >= 1 (or null for every training step), got {steps!r}")
-        if step_size is not None and (isinstance(step_size, bool) or not isinstance(step_size, int) or step_size < 1):
-            raise ValueError(f"sampler.step_size must be a positive integer or null, got {step_size!r}")
-        if spacing not in SPACINGS:
-            raise ValueError(f"sampler.spacing: unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)}")
-        resolve_guidance_batching(guidance_batching, "cpu")  # validate the name now, not at the first sample
-        self.kind = kind
-        self.guidance_batching = guidance_batching
-        self.steps = steps
-        self.eta = float(eta)
-        self.spacing = spacing
-        self.step_size = step_size
-        self.clip_x0 = clip_x0
-        self.guidance_scale = float(guidance_scale)
-        self.progress = progress
+    space = ""
+    common: tuple = ()
 
-    def respaced(self, diffusion: GaussianDiffusion) -> GaussianDiffusion:
-        kept = space_timesteps(diffusion.num_timesteps, self.steps, self.spacing, self.step_size)
-        if len(kept) == diffusion.num_timesteps:
-            return diffusion
-        return diffusion.respace(kept)
+    def __init__(self, name: str, loop: Callable, options: dict, config: dict, unknown: dict, evals_per_step: Callable):
+        if unknown:
+            valid = ", ".join(sorted(config))
+            raise ValueError(f"sampler.{sorted(unknown)[0]}: not an option of sampler {name!r}; valid options: {valid}")
+        self.name, self.loop, self.options, self.config = name, loop, dict(options), dict(config)
+        self._evals = evals_per_step
+        self.steps = config["steps"]
+        self.clip_x0 = bool(config["clip_x0"])
+        self.guidance_scale = float(config["guidance_scale"])
+        self.guidance_batching = config["guidance_batching"]
+        self.progress = bool(config["progress"])
+        if self.guidance_scale < 0:
+            raise ValueError(f"sampler.guidance_scale must be >= 0, got {self.guidance_scale}")
+        resolve_guidance_batching(self.guidance_batching, "cpu")  # validate the name now, not at the first sample
+
+    def replace(self, **changes) -> "ConfiguredSampler":
+        """A copy with some builder arguments changed (``sampler.replace(steps=10, progress=False)``)."""
+        from . import samplers
+
+        return samplers.SAMPLERS[self.name](**{**self.config, **changes})
+
+    def nfe(self, guided: bool, diffusion=None) -> int:
+        """Network forwards per image for one :meth:`sample` call (guidance's extra pass counted).
+        ``diffusion`` is needed only when the step count depends on the training T (``steps=null``
+        or ``step_size``) and nothing was sampled yet."""
+        if diffusion is not None:
+            self._check(diffusion)
+        return self._evals(self._num_steps()) * (2 if guided else 1)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+        return f"{type(self).__name__}({self.name}: {args})"
 
     @torch.no_grad()
-    def sample(self, model: nn.Module, diffusion: GaussianDiffusion, shape, y=None, noise=None, generator=None, guidance_scale=None) -> torch.Tensor:
-        """Draw samples ``(B, C, H, W)`` in [-1, 1] (clipped). ``y``: ``(B,)`` labels or None."""
-        final = None
-        for state in self.progressive(model, diffusion, shape, y, noise, generator, guidance_scale):
-            final = state
-        return final["x"].clamp(-1.0, 1.0)
-
-    @torch.no_grad()
-    def progressive(self, model: nn.Module, diffusion: GaussianDiffusion, shape, y=None, noise=None, generator=None, guidance_scale=None) -> Iterator[dict]:
-        """Yield ``{"step", "t", "x", "pred_x0"}`` after every step, from noisiest to ``x_0``."""
+    def sample(self, model: nn.Module, diffusion, shape, y=None, noise=None, generator=None, guidance_scale=None,
+               callback=None) -> torch.Tensor:
+        """Draw samples ``(B, C, H, W)`` in [-1, 1] (clamped). ``y``: ``(B,)`` labels or None;
+        ``noise``: the standard-normal start ``(B, C, H, W)`` (drawn with ``generator`` when None);
+        ``callback(dict)`` sees every step's state (``x``, ``denoised``, ``i`` and ``t`` or ``sigma``)."""
         w = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         check_guidance(model, y, w)
+        self._check(diffusion)
         device = next(model.parameters()).device
-        d = self.respaced(diffusion)
         fn = guided_model_fn(model, w, channels=shape[1], batching=resolve_guidance_batching(self.guidance_batching, device))
         x = noise.to(device) if noise is not None else torch.randn(*shape, device=device, generator=generator)
         if tuple(x.shape) != tuple(shape):
             raise ValueError(f"noise has shape {tuple(x.shape)}, expected {tuple(shape)}")
         if y is not None:
             y = torch.as_tensor(y, device=device, dtype=torch.long)
-        indices = list(range(d.num_timesteps - 1, -1, -1))
-        if self.progress:
-            from tqdm.auto import tqdm
+        return self._run(fn, diffusion, x, y, generator, callback).clamp(-1.0, 1.0)
 
-            indices = tqdm(indices, desc=f"{self.kind} sampling", leave=False)
-        history: dict = {}
-        for i in indices:
-            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-            p = d.p_mean_variance(fn, x, t, y, clip_x0=self.clip_x0)
-            if self.kind == "dpmpp_2m":
-                x = dpmpp_2m_step(d, x, t, p["pred_x0"], history)
-            else:
-                z = torch.randn(*shape, device=device, generator=generator) if i > 0 else None
-                if self.kind == "ddpm":
-                    x = p["mean"] + (torch.exp(0.5 * p["log_variance"]) * z if z is not None else 0.0)
-                else:
-                    x = ddim_step(d, x, t, p["pred_x0"], p["pred_eps"], self.eta, z)
-            yield {"step": i, "t": d.scale_timesteps(t), "x": x, "pred_x0": p["pred_x0"]}
+    def _check(self, diffusion) -> None:
+        pass
 
 
-def ddim_step(d: GaussianDiffusion, x_t, t, pred_x0, pred_eps, eta: float, noise=None) -> torch.Tensor:
-    """One DDIM update (Song et al. 2021, eq. 12):
-    ``x_{t-1} = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z`` with
-    ``sigma = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev)``."""
-    ab = d._extract(d.alphas_cumprod, t, x_t)
-    ab_prev = d._extract(d.alphas_cumprod_prev, t, x_t)
-    sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
-    x = ab_prev.sqrt() * pred_x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * pred_eps
-    if noise is not None and eta > 0:
-        x = x + sigma * noise
-    return x
+class DiscreteSampler(ConfiguredSampler):
+    """Samples a discrete VP process over ``steps`` of its training timesteps (``spacing``, or every
+    ``step_size``-th step); ``clip_x0`` clamps the predicted x0 to [-1, 1] at every step."""
+
+    space = "discrete"
+    common = ("steps", "spacing", "step_size", "clip_x0", "guidance_scale", "guidance_batching", "progress")
+
+    def __init__(self, name, loop, options, config, unknown, evals_per_step=lambda n: n):
+        super().__init__(name, loop, options, config, unknown, evals_per_step)
+        _int_or_none("steps", self.steps, "an integer >= 1 (or null for every training step)")
+        _int_or_none("step_size", config["step_size"], "a positive integer or null")
+        if config["spacing"] not in SPACINGS:
+            raise ValueError(f"sampler.spacing: unknown spacing {config['spacing']!r}; choose from {', '.join(SPACINGS)}")
+        self.spacing, self.step_size = config["spacing"], config["step_size"]
+        self._num_timesteps = None
+
+    def _check(self, diffusion) -> None:
+        if not hasattr(diffusion, "alphas_cumprod"):
+            raise ValueError(
+                f"sampler {self.name!r} steps through the timesteps of a discrete VP process (GaussianDiffusion), "
+                f"which {type(diffusion).__name__} is not; use a sigma-space sampler: sampler=euler, sampler=heun, "
+                "sampler=dpmpp_2m_sigma, sampler=euler_ancestral or sampler=dpmpp_2m_sde"
+            )
+        self._num_timesteps = diffusion.num_timesteps
+
+    def respaced(self, diffusion):
+        """The process over the kept timesteps (the training process itself when all are kept)."""
+        kept = space_timesteps(diffusion.num_timesteps, self.steps, self.spacing, self.step_size)
+        return diffusion if len(kept) == diffusion.num_timesteps else diffusion.respace(kept)
+
+    def _num_steps(self) -> int:
+        if self.step_size is None and self.steps is not None:
+            return self.steps
+        if self._num_timesteps is None:
+            raise ValueError(f"sampler {self.name}: with steps=null or step_size the number of steps depends on the "
+                             "training T: call nfe(guided, diffusion)")
+        return len(space_timesteps(self._num_timesteps, self.steps, self.spacing, self.step_size))
+
+    def _run(self, fn, diffusion, x, y, generator, callback):
+        d = self.respaced(diffusion)
+
+        def model_fn(x_t: torch.Tensor, i: int) -> dict:
+            t = torch.full((x_t.shape[0],), i, device=x_t.device, dtype=torch.long)
+            return d.p_mean_variance(fn, x_t, t, y, clip_x0=self.clip_x0)
+
+        return self.loop(model_fn, x, d, generator=generator, callback=callback, progress=self.progress, **self.options)
 
 
-def dpmpp_2m_step(d: GaussianDiffusion, x_t, t, pred_x0, history: dict) -> torch.Tensor:
-    """One step of DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) from ``t`` to the previous kept step.
+class SigmaSampler(ConfiguredSampler):
+    """Samples in sigma space over ``steps`` noise levels: ``schedule=karras`` (EDM eq. 5 with ``rho``;
+    ``sigma_min`` / ``sigma_max`` null take the formulation's) or ``schedule=model`` (the model's own
+    training sigmas at ``steps`` timesteps chosen by ``spacing``; discrete VP processes only).
+    ``clip_x0`` clamps the denoiser's output to [-1, 1]."""
 
-    With ``alpha = sqrt(ab)``, ``sigma = sqrt(1 - ab)``, ``lambda = log(alpha / sigma)`` and
-    ``h = lambda_prev - lambda_t``: ``x_prev = (sigma_prev / sigma_t) x_t - alpha_prev (e^-h - 1) D``,
-    where ``D`` is the data prediction, extrapolated with the previous step's prediction
-    (``D = (1 + 1/(2r)) x0_t - 1/(2r) x0_last``, ``r = h_last / h``) after the first step. The last step
-    (to ``ab_prev = 1``, i.e. sigma 0) is first order and returns ``x0`` itself. ``history`` carries
-    ``x0_last`` and ``h_last`` between calls (start with ``{}``)."""
-    ab = d._extract(d.alphas_cumprod, t, x_t)
-    ab_prev = d._extract(d.alphas_cumprod_prev, t, x_t)
-    if bool((ab_prev >= 1).all()):  # final step: sigma_prev = 0, the first-order update is x0
-        history.clear()
-        return pred_x0
-    lam = 0.5 * (torch.log(ab) - torch.log1p(-ab))
-    lam_prev = 0.5 * (torch.log(ab_prev) - torch.log1p(-ab_prev))
-    h = lam_prev - lam
-    D = pred_x0
-    if "x0_last" in history:
-        r = history["h_last"] / h
-        D = (1 + 0.5 / r) * pred_x0 - (0.5 / r) * history["x0_last"]
-    history["x0_last"], history["h_last"] = pred_x0, h
-    return ((1 - ab_prev) / (1 - ab)).sqrt() * x_t - ab_prev.sqrt() * torch.expm1(-h) * D
+    space = "sigma"
+    common = ("steps", "schedule", "sigma_min", "sigma_max", "rho", "spacing", "clip_x0", "guidance_scale",
+              "guidance_batching", "progress")
+
+    def __init__(self, name, loop, options, config, unknown, evals_per_step=lambda n: n):
+        super().__init__(name, loop, options, config, unknown, evals_per_step)
+        _int_or_none("steps", self.steps, "an integer >= 1")
+        if self.steps is None:
+            raise ValueError("sampler.steps must be an integer >= 1 for sigma-space samplers, got None")
+        if config["schedule"] not in SCHEDULES:
+            raise ValueError(f"sampler.schedule: unknown schedule {config['schedule']!r}; choose from {', '.join(SCHEDULES)}")
+        if config["spacing"] not in SPACINGS:
+            raise ValueError(f"sampler.spacing: unknown spacing {config['spacing']!r}; choose from {', '.join(SPACINGS)}")
+        self.schedule, self.spacing, self.rho = config["schedule"], config["spacing"], float(config["rho"])
+        self.sigma_min, self.sigma_max = config["sigma_min"], config["sigma_max"]
+
+    def _num_steps(self) -> int:
+        return self.steps
+
+    def sigmas(self, denoiser) -> torch.Tensor:
+        """The float64 noise levels, descending, ending with 0 (``steps + 1`` values)."""
+        if self.schedule == "karras":
+            lo = float(self.sigma_min if self.sigma_min is not None else denoiser.sigma_min)
+            hi = float(self.sigma_max if self.sigma_max is not None else denoiser.sigma_max)
+            return karras_sigmas(self.steps, lo, hi, self.rho)
+        own = getattr(denoiser, "sigmas", None)
+        if own is None:
+            raise ValueError(f"sampler.schedule=model needs a formulation with discrete training sigmas; "
+                             f"{type(denoiser).__name__} has none: use sampler.schedule=karras")
+        kept = space_timesteps(len(own), self.steps, self.spacing)
+        return torch.cat([own[kept].flip(0), torch.zeros(1, dtype=torch.float64)])
+
+    def _run(self, fn, diffusion, x, y, generator, callback):
+        den = as_denoiser(diffusion)
+        sigmas = self.sigmas(den).to(x.device)
+
+        def denoiser(x_s: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            s = torch.full((x_s.shape[0],), float(sigma), device=x_s.device, dtype=torch.float64)
+            out = den.denoise(fn, x_s, s, y)
+            return out.clamp(-1.0, 1.0) if self.clip_x0 else out
+
+        return self.loop(denoiser, x * sigmas[0].to(x.dtype), sigmas, generator=generator, callback=callback,
+                         progress=self.progress, **self.options)
+
+
+def Sampler(kind: str = "ddim", steps: Optional[int] = 50, eta: float = 0.0, spacing: str = "trailing",
+            step_size: Optional[int] = None, clip_x0: bool = True, guidance_scale: float = 1.0,
+            guidance_batching: str = "auto", progress: bool = True) -> DiscreteSampler:
+    """The sampler config of checkpoints written before samplers had their own builders
+    (``_target_: ddlab.diffusion.Sampler``, ``kind: ddim|ddpm|dpmpp_2m``): maps onto
+    ``ddlab.diffusion.samplers.<kind>``. ``eta`` goes to ``ddim`` only (old ``ddpm`` / ``dpmpp_2m``
+    configs stored an unused ``eta``, which is checked and dropped). New code and configs use the builders."""
+    from . import samplers
+
+    legacy = ("ddpm", "ddim", "dpmpp_2m")
+    if kind not in legacy:
+        raise ValueError(f"sampler.kind: unknown sampler {kind!r}; choose from {', '.join(legacy)}")
+    if not 0.0 <= float(eta) <= 1.0:
+        raise ValueError(f"sampler.eta must lie in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like), got {eta}")
+    common = dict(steps=steps, spacing=spacing, step_size=step_size, clip_x0=clip_x0, guidance_scale=guidance_scale,
+                  guidance_batching=guidance_batching, progress=progress)
+    return samplers.SAMPLERS[kind](**common, **({"eta": eta} if kind == "ddim" else {}))
+
