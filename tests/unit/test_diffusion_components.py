@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from ddlab.diffusion import GaussianDiffusion, LossAwareSampler, Sampler, guided_model_fn, space_timesteps
+from ddlab.diffusion import GaussianDiffusion, LossAwareSampler, guided_model_fn, samplers, space_timesteps
 
 
 # ---------------------------------------------------------------- loss-aware sampler
@@ -158,25 +158,25 @@ def test_split_guidance_matches_joint_in_two_forwards():
     d = GaussianDiffusion(num_timesteps=20)
     images = {}
     for batching in ("joint", "split"):
-        s = Sampler(kind="dpmpp_2m", steps=4, guidance_scale=2.0, guidance_batching=batching, progress=False)
+        s = samplers.dpmpp_2m(steps=4, guidance_scale=2.0, guidance_batching=batching, progress=False)
         images[batching] = s.sample(unet, d, (3, 1, 8, 8), y=y, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(images["split"], images["joint"], atol=1e-5, rtol=1e-5)
 
 
 def test_guidance_batching_auto_and_bad_names():
-    from ddlab.diffusion.sampling import resolve_guidance_batching
+    from ddlab.diffusion import resolve_guidance_batching
 
     assert resolve_guidance_batching("auto", "cpu") == "split"
     assert resolve_guidance_batching("auto", "cuda") == "joint"
     assert resolve_guidance_batching("joint", "cpu") == "joint"
     with pytest.raises(ValueError, match="sampler.guidance_batching"):
-        Sampler(guidance_batching="both")
+        samplers.ddim(guidance_batching="both")
 
 
 def test_guidance_on_unconditional_model_is_an_error():
     net = CountingNet(num_classes=0)
     with pytest.raises(ValueError, match="without labels"):
-        Sampler(steps=2, progress=False).sample(net, GaussianDiffusion(num_timesteps=10), (1, 1, 2, 2), guidance_scale=3.0)
+        samplers.ddim(steps=2, progress=False).sample(net, GaussianDiffusion(num_timesteps=10), (1, 1, 2, 2), guidance_scale=3.0)
 
 
 # ---------------------------------------------------------------- eta = 1 and DDPM
@@ -187,10 +187,10 @@ def test_ddim_eta_one_is_the_ddpm_step():
     net = CountingNet()
     kw = dict(steps=None, clip_x0=False, progress=False)
     noise = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
-    a = Sampler(kind="ddim", eta=1.0, **kw).sample(net, d, (2, 1, 2, 2), noise=noise, generator=torch.Generator().manual_seed(1), guidance_scale=1.0)
-    b = Sampler(kind="ddpm", **kw).sample(net, d, (2, 1, 2, 2), noise=noise, generator=torch.Generator().manual_seed(1), guidance_scale=1.0)
+    a = samplers.ddim(eta=1.0, **kw).sample(net, d, (2, 1, 2, 2), noise=noise, generator=torch.Generator().manual_seed(1), guidance_scale=1.0)
+    b = samplers.ddpm(**kw).sample(net, d, (2, 1, 2, 2), noise=noise, generator=torch.Generator().manual_seed(1), guidance_scale=1.0)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    c = Sampler(kind="ddim", eta=0.0, **kw).sample(net, d, (2, 1, 2, 2), noise=noise, generator=torch.Generator().manual_seed(1), guidance_scale=1.0)
+    c = samplers.ddim(eta=0.0, **kw).sample(net, d, (2, 1, 2, 2), noise=noise, generator=torch.Generator().manual_seed(1), guidance_scale=1.0)
     assert (a - c).abs().max() > 1e-2
 
 

@@ -9,12 +9,19 @@ import pytest
 import torch
 from torch import nn
 
-from ddlab.diffusion import GaussianDiffusion, Sampler
+from ddlab.diffusion import GaussianDiffusion, samplers
 
 T = 1000
 STEPS = 20  # divides T, so diffusers' DDIM previous-step rule (t - T // steps) is right for trailing too
 SHAPE = (3, 2, 4, 4)
 PRED_NAMES = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+
+
+def trajectory(sampler, net, d, shape, **kw):
+    """Every step's state ``{"i", "t", "x", "denoised"}`` of one sampling run (x before clamping)."""
+    states = []
+    sampler.sample(net, d, shape, callback=states.append, **kw)
+    return states
 
 
 class ToyNet(nn.Module):
@@ -64,7 +71,8 @@ def _lockstep(kind, prediction, spacing, eta=0.0, schedule="cosine", variance="f
     ref_eta = eta if ref_eta is None else ref_eta
     d = GaussianDiffusion(schedule=schedule, num_timesteps=T, prediction=prediction, variance=variance)
     net = ToyNet(d.alphas_cumprod, prediction, 2 if variance == "learned_range" else 1)
-    sampler = Sampler(kind=kind, steps=STEPS, eta=eta, spacing=spacing, clip_x0=False, guidance_scale=1.0, progress=False)
+    options = {"eta": eta} if kind == "ddim" else {}
+    sampler = samplers.SAMPLERS[kind](steps=STEPS, spacing=spacing, clip_x0=False, guidance_scale=1.0, progress=False, **options)
     ref = _diffusers(kind, prediction, spacing, d, variance)
     if dtype == torch.float64:
         ref.alphas_cumprod = d.alphas_cumprod.clone()
@@ -76,18 +84,18 @@ def _lockstep(kind, prediction, spacing, eta=0.0, schedule="cosine", variance="f
     x = x_T
     seen_t = []
     worst = 0.0
-    for i, state in enumerate(sampler.progressive(net, d, SHAPE, noise=x_T, generator=g)):
-        t = int(state["t"][0])
+    for i, state in enumerate(trajectory(sampler, net, d, SHAPE, noise=x_T, generator=g)):
+        t = state["t"]
         seen_t.append(t)
         assert t == int(ref.timesteps[i]), f"step {i}: ddlab t={t}, diffusers t={int(ref.timesteps[i])}"
         out = net(x, torch.full((SHAPE[0],), t), None)
-        z = torch.randn(*SHAPE, generator=g_ref) if state["step"] > 0 else torch.zeros(SHAPE)
+        z = torch.randn(*SHAPE, generator=g_ref) if state["i"] > 0 else torch.zeros(SHAPE)
         z_box["z"] = z
         if kind == "ddpm":
             prev = ref.step(out, t, x).prev_sample
         else:
             prev = ref.step(out, t, x, eta=ref_eta, variance_noise=z.to(dtype)).prev_sample
-        if skip_last and state["step"] == 0:
+        if skip_last and state["i"] == 0:
             break
         assert state["x"].dtype == dtype and prev.dtype == dtype
         err = (prev - state["x"]).abs().max().item()
@@ -132,9 +140,9 @@ def test_ddpm_learned_range_trailing_and_last_step(monkeypatch):
     assert _lockstep("ddpm", "eps", "trailing", variance="learned_range", skip_last=True, monkeypatch=monkeypatch) < 1e-10
     d = GaussianDiffusion(schedule="linear", num_timesteps=T, variance="learned_range")
     net = ToyNet(d.alphas_cumprod, "eps", 2)
-    sampler = Sampler(kind="ddpm", steps=STEPS, spacing="trailing", clip_x0=False, progress=False)
-    *_, last = sampler.progressive(net, d, SHAPE, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(last["x"], last["pred_x0"])
+    sampler = samplers.ddpm(steps=STEPS, spacing="trailing", clip_x0=False, progress=False)
+    *_, last = trajectory(sampler, net, d, SHAPE, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(last["x"], last["denoised"])
 
 
 def test_parity_harness_detects_a_wrong_eta(monkeypatch):
@@ -160,9 +168,9 @@ def test_dpmpp_2m_matches_diffusers(prediction, steps):
     x = x_T.clone()
     for t in ref.timesteps:
         x = ref.step(net(x, torch.full((SHAPE[0],), int(t))), t, x).prev_sample
-    sampler = Sampler(kind="dpmpp_2m", steps=steps, spacing="trailing", clip_x0=False, progress=False)
-    states = list(sampler.progressive(net, d, SHAPE, noise=x_T))
-    assert [int(s["t"][0]) for s in states] == [int(t) for t in ref.timesteps]
+    sampler = samplers.dpmpp_2m(steps=steps, spacing="trailing", clip_x0=False, progress=False)
+    states = trajectory(sampler, net, d, SHAPE, noise=x_T)
+    assert [s["t"] for s in states] == [int(t) for t in ref.timesteps]
     # diffusers keeps its sigmas in float32, so the agreement is to float32 precision
     torch.testing.assert_close(states[-1]["x"], x, rtol=0, atol=1e-5)
 
@@ -190,7 +198,7 @@ def test_dpmpp_2m_is_second_order_on_the_oracle():
     errs = {}
     for kind in ("ddim", "dpmpp_2m"):
         for n in (10, 20):
-            *_, last = Sampler(kind=kind, steps=n, clip_x0=False, progress=False).progressive(Oracle(), d, SHAPE, noise=x_T)
+            *_, last = trajectory(samplers.SAMPLERS[kind](steps=n, clip_x0=False, progress=False), Oracle(), d, SHAPE, noise=x_T)
             out = last["x"]  # unclamped (sample() clamps to [-1, 1])
             errs[kind, n] = (out - exact).abs().max().item()
     assert errs["dpmpp_2m", 10] < errs["ddim", 10] / 2.5
