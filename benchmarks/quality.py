@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddlab.diffusion.sampling import GUIDANCE_BATCHING
+from ddlab.diffusion import GUIDANCE_BATCHING
 
 ROOT = Path(__file__).resolve().parents[1]
 NULL_CLASS = 10
@@ -81,19 +81,20 @@ def train_ddlab(budget: float, out: Path, threads: int, overrides: list[str]) ->
 def sample_ddlab(ckpt: str, n: int, steps: int | None, guidance: float | None, seed: int, batch_size: int,
                  kind: str | None = None, guidance_batching: str = "auto") -> tuple[np.ndarray, np.ndarray, dict]:
     from ddlab.checkpoint import load_checkpoint
-    from ddlab.diffusion import Sampler
+    from ddlab.diffusion.samplers import SAMPLERS, sampler_config
     from ddlab.metrics.generate import balanced_labels, generate_uint8
 
     loaded = load_checkpoint(ckpt, use_ema=True)
-    scfg = {k: v for k, v in loaded.config["sampler"].items() if k not in ("_target_", "progress")}
+    scfg = sampler_config(loaded.config["sampler"], kind)  # `kind` switches the sampler
+    name = scfg.pop("_target_").rsplit(".", 1)[-1]
+    scfg.pop("progress", None)
     if steps is not None:
-        scfg["steps"], scfg["step_size"] = steps, None
-    if kind is not None:
-        scfg["kind"] = kind
+        scfg.update(steps=steps, **({"step_size": None} if "step_size" in scfg else {}))
     if guidance is not None:
         scfg["guidance_scale"] = guidance
     scfg["guidance_batching"] = guidance_batching
-    sampler = Sampler(**scfg, progress=False)
+    sampler = SAMPLERS[name](**scfg, progress=False)
+    scfg = {"kind": name, **scfg}  # the record names the sampler
     labels = balanced_labels(n, loaded.model.num_classes, torch.Generator().manual_seed(seed))
     t0 = time.perf_counter()
     images = generate_uint8(loaded.model, loaded.diffusion, sampler, n, batch_size, labels=labels, seed=seed, progress=True,

@@ -371,7 +371,7 @@ def bench_sampling(s: dict, dev: torch.device, notes: list) -> list[dict]:
     from hydra.utils import instantiate
 
     from ddlab.diffusion import Sampler
-    from ddlab.diffusion.sampling import resolve_guidance_batching
+    from ddlab.diffusion import resolve_guidance_batching
 
     try:
         import diffusers  # noqa: F401

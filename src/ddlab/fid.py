@@ -49,10 +49,11 @@ def _data_config(cfg: DictConfig, run_cfg: dict | None) -> dict | None:
 def _sampler(cfg: DictConfig, run_cfg: dict):
     from hydra.utils import instantiate
 
-    base = dict(run_cfg["sampler"])
-    for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items():
-        if v is not None:
-            base[k] = v
+    from ddlab.diffusion.samplers import sampler_config
+
+    over = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items() if v is not None}
+    base = sampler_config(run_cfg["sampler"], over.pop("kind", None))  # `kind` switches the sampler
+    base.update(over)
     base["progress"] = False  # one bar over the batches instead
     return instantiate(base), {k: v for k, v in base.items() if k not in ("_target_", "progress")}
 

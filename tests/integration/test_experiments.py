@@ -47,7 +47,7 @@ def test_the_promised_recipes_exist():
 
 def test_recipes_keep_their_settings(tmp_path):
     c = compose(["experiment=butterflies_ddim"], output_dir=tmp_path)
-    assert (c.data.image_size, c.module.lr, c.module.warmup_steps, c.sampler.kind) == (128, 1e-4, 500, "ddim")
+    assert (c.data.image_size, c.module.lr, c.module.warmup_steps, c.sampler._target_) == (128, 1e-4, 500, "ddlab.diffusion.samplers.ddim")
     assert c.callbacks.ema is not None and c.data.num_classes == 0 and c.name == "butterflies_ddim"
     c = compose(["experiment=imagenet64_iddpm"], output_dir=tmp_path)
     assert (c.scheduler.schedule, c.scheduler.variance, c.scheduler.loss) == ("cosine", "learned_range", "hybrid")
@@ -56,9 +56,9 @@ def test_recipes_keep_their_settings(tmp_path):
     assert c.data.num_classes == 10 and c.module.p_uncond > 0 and c.sampler.guidance_scale > 1
     # the measured winner of experiments/mnist_quality
     assert (c.scheduler.prediction, c.scheduler.min_snr_gamma, c.data.image_size) == ("v", 5.0, 28)
-    assert (c.sampler.kind, c.sampler.steps) == ("dpmpp_2m", 10)
+    assert (c.sampler._target_, c.sampler.steps) == ("ddlab.diffusion.samplers.dpmpp_2m", 10)
     c = compose(["experiment=mnist_ddpm"], output_dir=tmp_path)
-    assert (c.scheduler.schedule, c.sampler.kind, c.data.num_classes) == ("linear", "ddpm", 0)
+    assert (c.scheduler.schedule, c.sampler._target_, c.data.num_classes) == ("linear", "ddlab.diffusion.samplers.ddpm", 0)
 
 
 def test_make_train_runs_the_winning_recipe():

@@ -271,3 +271,25 @@ def dpmpp_2m_sde(eta: float = 1.0, s_noise: float = 1.0, **kwargs) -> SigmaSampl
 
 
 SAMPLERS = {f.__name__: f for f in (ddpm, ddim, dpmpp_2m, euler, heun, dpmpp_2m_sigma, euler_ancestral, dpmpp_2m_sde)}
+
+
+def sampler_config(config, name: Optional[str] = None) -> dict:
+    """A stored sampler config (a checkpoint's ``run_config["sampler"]``) in builder form
+    ``{"_target_": "ddlab.diffusion.samplers.<name>", ...}``. Legacy configs
+    (``_target_: ddlab.diffusion.Sampler`` with ``kind``) are mapped as :func:`~ddlab.diffusion.Sampler`
+    maps them; ``name`` switches to another sampler, keeping the stored keys that it takes."""
+    cfg = dict(config)
+    target = str(cfg.pop("_target_", ""))
+    if target.endswith(".Sampler"):
+        current, eta = cfg.pop("kind", "ddim"), cfg.pop("eta", 0.0)
+        if current == "ddim":
+            cfg["eta"] = eta
+    else:
+        current = target.rsplit(".", 1)[-1]
+    name = name or current
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler: unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+    if name != current:
+        keys = SAMPLERS[name]().config
+        cfg = {k: v for k, v in cfg.items() if k in keys}
+    return {"_target_": f"ddlab.diffusion.samplers.{name}", **cfg}

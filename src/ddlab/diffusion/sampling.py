@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .guidance import check_guidance, guided_model_fn, resolve_guidance_batching
+from .guidance import GUIDANCE_BATCHING, check_guidance, guided_model_fn, resolve_guidance_batching  # noqa: F401 (old imports)
 from .respace import SPACINGS, space_timesteps
 from .sigmas import as_denoiser, karras_sigmas
 

@@ -15,7 +15,7 @@ log = logging.getLogger("ddlab.training")
 
 
 class FIDCallback(Callback):
-    """Sample ``num_samples`` images with the EMA weights and the run's sampler (its kind and eta,
+    """Sample ``num_samples`` images with the EMA weights and the run's sampler (all its settings,
     with ``steps`` steps and ``guidance_scale``), classes balanced and shuffled for class-conditional
     models; under DDP every rank draws ``ceil(num_samples / world_size)`` and rank 0 gathers them,
     computes FID (KID / Inception Score if asked) against the cached reference statistics of the
@@ -103,7 +103,6 @@ class FIDCallback(Callback):
 
     def sample_all_ranks(self, trainer, pl_module) -> np.ndarray | None:
         """Every rank samples its share; returns ``(num_samples, H, W, C)`` uint8 on rank 0 (None elsewhere)."""
-        from ddlab.diffusion import Sampler
         from ddlab.metrics.generate import balanced_labels, generate_uint8
 
         world, rank = trainer.world_size, trainer.global_rank
@@ -112,9 +111,8 @@ class FIDCallback(Callback):
         mine = labels[rank * share:(rank + 1) * share] if labels is not None else None
         self._labels = labels[: self.num_samples].numpy() if labels is not None else None
         base = pl_module.sampler
-        sampler = Sampler(kind=base.kind, steps=self.steps if self.steps is not None else base.steps, eta=base.eta,
-                          spacing=base.spacing, step_size=None if self.steps is not None else base.step_size,
-                          clip_x0=base.clip_x0, guidance_scale=base.guidance_scale, progress=False)
+        steps = {} if self.steps is None else {"steps": self.steps, **({"step_size": None} if "step_size" in base.config else {})}
+        sampler = base.replace(**steps, progress=False)
         w = self.guidance_scale if self.guidance_scale is not None else base.guidance_scale
         net = pl_module.ema_model
         was_training = net.training

@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from ddlab.diffusion import GaussianDiffusion, Sampler, make_timestep_sampler
+from ddlab.diffusion import ConfiguredSampler, GaussianDiffusion, make_timestep_sampler, samplers
 
 
 class DiffusionModule(pl.LightningModule):
@@ -21,7 +21,7 @@ class DiffusionModule(pl.LightningModule):
     Args:
         model: the network ``model(x, t, y)``.
         diffusion: the :class:`GaussianDiffusion` (schedule, parameterisation, loss).
-        sampler: the :class:`Sampler` used for sample grids and evaluation.
+        sampler: the configured sampler (:mod:`ddlab.diffusion.samplers`) for sample grids and evaluation.
         lr, betas, weight_decay, eps: AdamW settings (``module.*`` in Hydra).
         warmup_steps: linear LR warm-up from 0 over this many optimizer steps.
         lr_schedule: after warm-up, ``constant``, ``cosine`` or ``linear`` decay to
@@ -35,7 +35,7 @@ class DiffusionModule(pl.LightningModule):
         self,
         model: nn.Module,
         diffusion: GaussianDiffusion,
-        sampler: Optional[Sampler] = None,
+        sampler: Optional[ConfiguredSampler] = None,
         lr: float = 2e-4,
         betas: tuple = (0.9, 0.999),
         weight_decay: float = 0.0,
@@ -61,7 +61,7 @@ class DiffusionModule(pl.LightningModule):
         self.model = model
         self.ema_model = copy.deepcopy(model).requires_grad_(False)
         self.diffusion = diffusion
-        self.sampler = sampler or Sampler()
+        self.sampler = sampler or samplers.ddim()
         self.num_classes = int(getattr(model, "num_classes", 0))
         self.timestep_sampler = make_timestep_sampler(timestep_sampler, diffusion.num_timesteps)
         self._t_last: Optional[float] = None
