@@ -140,21 +140,9 @@ def sample_heun(model_fn, x, schedule, s_churn=0.0, s_tmin=0.0, s_tmax=None, s_n
 def sample_dpmpp_2m_sigma(model_fn, x, schedule, generator=None, callback=None, progress=False):
     """DPM-Solver++(2M) in sigma space: with ``h = log(sigma / sigma_next)``,
     ``x_next = (sigma_next / sigma) x - (e^-h - 1) D``, ``D`` extrapolated from the last two denoised
-    values as in :func:`sample_dpmpp_2m`; the step to sigma = 0 returns the denoised image."""
-    s = schedule.tolist()
-    old, h_last = None, None
-    for i in _steps(range(len(s) - 1), progress, "dpmpp_2m_sigma"):
-        denoised = model_fn(x, s[i])
-        if s[i + 1] == 0:
-            x = denoised
-        else:
-            h = math.log(s[i] / s[i + 1])
-            d = denoised if old is None else (1 + 0.5 * h / h_last) * denoised - (0.5 * h / h_last) * old
-            x = (s[i + 1] / s[i]) * x - math.expm1(-h) * d
-            old, h_last = denoised, h
-        if callback:
-            callback({"i": i, "sigma": s[i], "x": x, "denoised": denoised})
-    return x
+    values as in :func:`sample_dpmpp_2m`; the step to sigma = 0 returns the denoised image. This is
+    :func:`sample_dpmpp_2m_sde` with ``eta = 0`` (its midpoint correction is the same extrapolation)."""
+    return sample_dpmpp_2m_sde(model_fn, x, schedule, eta=0.0, generator=generator, callback=callback, progress=progress)
 
 
 def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
