@@ -184,14 +184,15 @@ class SigmaSampler(ConfiguredSampler):
 
     def _run(self, fn, diffusion, x, y, generator, callback):
         den = as_denoiser(diffusion)
-        sigmas = self.sigmas(den).to(x.device)
+        sigmas = self.sigmas(den)  # float64 on the CPU; the loops read them as Python floats
+        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
-        def denoiser(x_s: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            s = torch.full((x_s.shape[0],), float(sigma), device=x_s.device, dtype=torch.float64)
+        def denoiser(x_s: torch.Tensor, sigma: float) -> torch.Tensor:
+            s = torch.full((x_s.shape[0],), float(sigma), device=x_s.device, dtype=dtype)
             out = den.denoise(fn, x_s, s, y)
             return out.clamp(-1.0, 1.0) if self.clip_x0 else out
 
-        return self.loop(denoiser, x * sigmas[0].to(x.dtype), sigmas, generator=generator, callback=callback,
+        return self.loop(denoiser, x * float(sigmas[0]), sigmas, generator=generator, callback=callback,
                          progress=self.progress, **self.options)
 
 

@@ -52,30 +52,33 @@ class VPDenoiser:
         self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Continuous training timestep ``(B,)`` float64 for noise levels ``sigma: (B,)``; clamped to
-        the trained range."""
-        ls = self.log_sigmas.to(sigma.device)
-        log_s = sigma.to(torch.float64).clamp(min=1e-10).log()
-        hi = torch.searchsorted(ls, log_s).clamp(1, len(ls) - 1) if len(ls) > 1 else torch.zeros_like(log_s, dtype=torch.long)
+        """Continuous training timestep ``(B,)`` float64 (on the CPU) for noise levels ``sigma: (B,)``;
+        clamped to the trained range."""
+        ls, ts = self.log_sigmas, self.timesteps
+        log_s = sigma.detach().to("cpu", torch.float64).clamp(min=1e-10).log()
         if len(ls) == 1:
-            return self.timesteps.to(sigma.device)[hi]
+            return ts[torch.zeros_like(log_s, dtype=torch.long)]
+        hi = torch.searchsorted(ls, log_s).clamp(1, len(ls) - 1)
         lo = hi - 1
         w = ((log_s - ls[lo]) / (ls[hi] - ls[lo])).clamp(0, 1)
-        ts = self.timesteps.to(sigma.device)
         return ts[lo] + w * (ts[hi] - ts[lo])
 
     def denoise(self, model, x: torch.Tensor, sigma: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``D(x, sigma, y)``: ``x: (B, C, H, W)`` at noise ``sigma: (B,)``; returns the x0 estimate."""
-        s = sigma.to(torch.float64).reshape(-1, *([1] * (x.ndim - 1)))
+        """``D(x, sigma, y)``: ``x: (B, C, H, W)`` at noise ``sigma: (B,)``; returns the x0 estimate.
+        Coefficients are computed in float64 on the CPU and cast (never to half) when applied."""
+        s = sigma.detach().to("cpu", torch.float64).reshape(-1)
         c_in = (1 + s**2).rsqrt()
         dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        t = self.sigma_to_t(sigma.reshape(-1)).to(dtype)
-        out = model(x * c_in.to(x.dtype), t, y)[:, : x.shape[1]]
+
+        def col(v: torch.Tensor) -> torch.Tensor:
+            return v.to(x.device, dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+        out = model(x * col(c_in), self.sigma_to_t(s).to(x.device, dtype), y)[:, : x.shape[1]]
         if self.prediction == "eps":
-            return x - s.to(dtype) * out
+            return x - col(s) * out
         if self.prediction == "x0":
             return out
-        return (c_in**2).to(dtype) * x - (s * c_in).to(dtype) * out
+        return col(c_in**2) * x - col(s * c_in) * out
 
 
 def as_denoiser(formulation):
