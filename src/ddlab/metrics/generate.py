@@ -20,7 +20,7 @@ def generate_uint8(model: nn.Module, diffusion, sampler, n: int, batch_size: int
                    guidance_scale: float | None = None, seed: int = 0, progress: bool = True,
                    desc: str = "sampling") -> np.ndarray:
     """``n`` samples of ``model`` as ``(n, H, W, C)`` uint8, drawn in batches of ``batch_size`` with
-    ``sampler`` (a :class:`ddlab.diffusion.Sampler`); batch ``i`` uses noise from ``seed + i``.
+    ``sampler`` (a configured sampler, :mod:`ddlab.diffusion.samplers`); batch ``i`` uses noise from ``seed + i``.
     ``labels``: ``(n,)`` or ``None``; ``guidance_scale`` ``None`` keeps the sampler's (forced to 1 for
     unconditional models)."""
     from tqdm.auto import tqdm
