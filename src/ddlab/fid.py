@@ -55,7 +55,8 @@ def _sampler(cfg: DictConfig, run_cfg: dict):
     base = sampler_config(run_cfg["sampler"], over.pop("kind", None))  # `kind` switches the sampler
     base.update(over)
     base["progress"] = False  # one bar over the batches instead
-    return instantiate(base), {k: v for k, v in base.items() if k not in ("_target_", "progress")}
+    sampler = instantiate(base)
+    return sampler, {"kind": sampler.name, **{k: v for k, v in base.items() if k not in ("_target_", "progress")}}
 
 
 def bits_per_dim(model, diffusion, datamodule, n: int, batch_size: int, seed: int = 0, progress: bool = True) -> dict:
