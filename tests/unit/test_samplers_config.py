@@ -102,6 +102,8 @@ def test_replace_keeps_every_other_setting():
     s = samplers.dpmpp_2m(steps=20, guidance_scale=1.25, guidance_batching="joint")
     r = s.replace(steps=5, progress=False)
     assert (r.name, r.steps, r.guidance_scale, r.guidance_batching, r.progress) == ("dpmpp_2m", 5, 1.25, "joint", False)
+    s.guidance_scale = 3.0  # callers may set the public attributes
+    assert s.replace().guidance_scale == 3.0
 
 
 class SigmaOnly:

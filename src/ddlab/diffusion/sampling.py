@@ -38,8 +38,7 @@ class ConfiguredSampler:
     ``progress`` (False: no progress bar at all), ``config`` (the builder's arguments, as in YAML).
     """
 
-    space = ""
-    common: tuple = ()
+    space = ""  # "discrete" or "sigma"
 
     def __init__(self, name: str, loop: Callable, options: dict, config: dict, unknown: dict, evals_per_step: Callable):
         if unknown:
@@ -57,10 +56,12 @@ class ConfiguredSampler:
         resolve_guidance_batching(self.guidance_batching, "cpu")  # validate the name now, not at the first sample
 
     def replace(self, **changes) -> "ConfiguredSampler":
-        """A copy with some builder arguments changed (``sampler.replace(steps=10, progress=False)``)."""
+        """A copy with some builder arguments changed (``sampler.replace(steps=10, progress=False)``);
+        the public attributes callers may have set (``guidance_scale``, ``progress``, ...) carry over."""
         from . import samplers
 
-        return samplers.SAMPLERS[self.name](**{**self.config, **changes})
+        current = {k: getattr(self, k) for k in ("steps", "clip_x0", "guidance_scale", "guidance_batching", "progress")}
+        return samplers.SAMPLERS[self.name](**{**self.config, **current, **changes})
 
     def nfe(self, guided: bool, diffusion=None) -> int:
         """Network forwards per image for one :meth:`sample` call (guidance's extra pass counted).
@@ -101,7 +102,6 @@ class DiscreteSampler(ConfiguredSampler):
     ``step_size``-th step); ``clip_x0`` clamps the predicted x0 to [-1, 1] at every step."""
 
     space = "discrete"
-    common = ("steps", "spacing", "step_size", "clip_x0", "guidance_scale", "guidance_batching", "progress")
 
     def __init__(self, name, loop, options, config, unknown, evals_per_step=lambda n: n):
         super().__init__(name, loop, options, config, unknown, evals_per_step)
@@ -151,8 +151,6 @@ class SigmaSampler(ConfiguredSampler):
     ``clip_x0`` clamps the denoiser's output to [-1, 1]."""
 
     space = "sigma"
-    common = ("steps", "schedule", "sigma_min", "sigma_max", "rho", "spacing", "clip_x0", "guidance_scale",
-              "guidance_batching", "progress")
 
     def __init__(self, name, loop, options, config, unknown, evals_per_step=lambda n: n):
         super().__init__(name, loop, options, config, unknown, evals_per_step)
