@@ -132,7 +132,7 @@ def train(cfg: DictConfig) -> Optional[float]:
     return metrics.get(name) if name else None
 
 
-@hydra.main(version_base="1.3", config_path="../../configs", config_name="train")
+@hydra.main(version_base="1.3", config_path=_config.CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> Any:
     return sweep.guarded(train, cfg)  # on_error: raise | inf | nan
 
