@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddlab import config as _config  # noqa: F401  (registers resolvers)
 from ddlab import sweep
+from ddlab.models.contract import check_model_contract
 from ddlab.training import wandb_utils
 
 log = logging.getLogger("ddlab.train")
@@ -92,6 +93,7 @@ def train(cfg: DictConfig) -> Optional[float]:
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
+    check_model_contract(model, int(cfg.data.image_size), int(cfg.data.channels), _config._out_channels(cfg.data.channels, cfg.scheduler.get("variance")))
     diffusion = instantiate(cfg.scheduler)
     sampler = instantiate(cfg.sampler)
     module = instantiate(cfg.module, _partial_=True)(model=model, diffusion=diffusion, sampler=sampler, run_config=resolved)
