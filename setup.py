@@ -2,8 +2,7 @@
 
 ``configs/`` stays at the top of the repository, where Hydra users expect it, and ships inside the
 wheel and the sdist as ``ddlab.configs`` (each config group a sub-package of YAML files), so an
-installed ddlab runs from any folder. ``hydra_plugins.ddlab_searchpath`` adds the config folders
-named in ``DDLAB_CONFIG_PATH`` (see the README, "Install and share").
+installed ddlab runs from any folder (see the README, "Install and share").
 """
 
 from pathlib import Path
@@ -16,7 +15,7 @@ config_packages = ["ddlab.configs"] + sorted(
 )
 
 setup(
-    packages=find_packages("src") + ["hydra_plugins.ddlab_searchpath"] + config_packages,
+    packages=find_packages("src") + config_packages,
     package_dir={"": "src", "ddlab.configs": "configs"},
     package_data={p: ["*.yaml"] for p in config_packages},
 )

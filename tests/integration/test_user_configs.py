@@ -98,7 +98,7 @@ def test_env_var_and_searchpath_add_the_user_groups(user_project, monkeypatch, t
     cfg = compose(TINY[:2] + ["sampler=mine"])
     assert cfg.model._target_ == "mypkg.MyNet" and cfg.data._target_ == "mypkg.Stripes" and cfg.sampler.steps == 3
 
-    from hydra_plugins.ddlab_searchpath import user_config_dirs
+    from ddlab.config import user_config_dirs
 
     with pytest.raises(FileNotFoundError, match="DDLAB_CONFIG_PATH: .*nowhere.* is not a folder"):
         user_config_dirs(str(tmp_path / "nowhere"))

@@ -119,6 +119,13 @@ def test_butterflies_tutorial_recipe_and_one_step(tmp_path):
     assert (c.module.lr, c.module.warmup_steps, c.module.lr_schedule) == (1e-4, 500, "cosine")
     assert (c.scheduler.schedule, c.scheduler.num_timesteps, c.sampler.kind) == ("linear", 1000, "ddpm")
     assert c.callbacks.ema is not None and c.data.num_classes == 0
+    # ddlab's parts swap in unchanged: nothing model- or schedule-specific is pinned by the recipe
+    swapped = compose(["experiment=butterflies_tutorial", "model=unet_adm", "model.base_channels=8", "model.head_channels=8",
+                       "model.num_blocks=1", "model.channel_mult=[1,1,2,2,4,4]", "scheduler=cosine", "sampler=dpmpp_2m"], output_dir=tmp_path)
+    from hydra.utils import instantiate
+
+    assert type(instantiate(swapped.model)).__name__ == "UNet" and swapped.scheduler.schedule == "cosine"
+    assert swapped.module.lr == 1e-4 and swapped.sampler.kind == "dpmpp_2m"
     from ddlab.train import train
 
     tiny = ["trainer=cpu", "trainer.precision=32-true", "trainer.max_epochs=null", "trainer.max_steps=1", "data.image_size=16",
