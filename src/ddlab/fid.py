@@ -161,7 +161,7 @@ def _save_grid(images: np.ndarray, path: Path) -> None:
     save_image(x, path, nrow=math.ceil(math.sqrt(len(x))), padding=2)
 
 
-@hydra.main(version_base="1.3", config_path="../../configs", config_name="fid")
+@hydra.main(version_base="1.3", config_path=_config.CONFIG_PATH, config_name="fid")
 def main(cfg: DictConfig) -> Any:
     evaluate(cfg)
 

@@ -95,7 +95,7 @@ def nll(cfg: DictConfig) -> dict:
     return record
 
 
-@hydra.main(version_base="1.3", config_path="../../configs", config_name="nll")
+@hydra.main(version_base="1.3", config_path=_config.CONFIG_PATH, config_name="nll")
 def main(cfg: DictConfig) -> Any:
     return nll(cfg)["bits_per_dim"]
 

@@ -110,7 +110,7 @@ def sample(cfg: DictConfig) -> dict:
     return {"images": arr, "labels": lab, "grid": out / "grid.png", "npz": out / "samples.npz", "guidance_scale": w}
 
 
-@hydra.main(version_base="1.3", config_path="../../configs", config_name="sample")
+@hydra.main(version_base="1.3", config_path=_config.CONFIG_PATH, config_name="sample")
 def main(cfg: DictConfig) -> Any:
     sample(cfg)
 

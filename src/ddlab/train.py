@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddlab import config as _config  # noqa: F401  (registers resolvers)
 from ddlab import sweep
+from ddlab.models.contract import check_model_contract
 from ddlab.training import wandb_utils
 
 log = logging.getLogger("ddlab.train")
@@ -92,6 +93,7 @@ def train(cfg: DictConfig) -> Optional[float]:
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
+    check_model_contract(model, int(cfg.data.image_size), int(cfg.data.channels), _config._out_channels(cfg.data.channels, cfg.scheduler.get("variance")))
     diffusion = instantiate(cfg.scheduler)
     sampler = instantiate(cfg.sampler)
     module = instantiate(cfg.module, _partial_=True)(model=model, diffusion=diffusion, sampler=sampler, run_config=resolved)
@@ -132,7 +134,7 @@ def train(cfg: DictConfig) -> Optional[float]:
     return metrics.get(name) if name else None
 
 
-@hydra.main(version_base="1.3", config_path="../../configs", config_name="train")
+@hydra.main(version_base="1.3", config_path=_config.CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> Any:
     return sweep.guarded(train, cfg)  # on_error: raise | inf | nan
 

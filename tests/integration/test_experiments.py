@@ -92,7 +92,7 @@ def test_block_ablation_is_one_multirun_over_the_zoo():
     assert str(c.hydra.mode) == "RunMode.MULTIRUN"
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("name", [e for e in EXPERIMENTS if e != "butterflies_tutorial"])  # a diffusers model: test_interop_models.py
 def test_experiment_runs_one_step(name, tmp_path, tmp_path_factory):
     base = compose([f"experiment={name}"], output_dir=tmp_path)
     data = base.data._target_

@@ -1,0 +1,9 @@
+"""Interoperability with diffusers (imported lazily: ``pip install 'ddlab[interop]'``).
+
+* :class:`DiffusersUNet2D` — diffusers' ``UNet2DModel`` behind ddlab's ``model(x, t, y)`` contract
+  (``model=diffusers_unet2d``, ``experiment=butterflies_tutorial``).
+"""
+
+from .diffusers_models import DiffusersUNet2D, require_diffusers
+
+__all__ = ["DiffusersUNet2D", "require_diffusers"]
