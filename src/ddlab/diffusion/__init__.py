@@ -1,5 +1,6 @@
 """Diffusion math in plain PyTorch (no Lightning, no Hydra)."""
 
+from .edm import EDM as EDM  # re-exported (scheduler=edm)
 from .gaussian import GaussianDiffusion
 from .likelihood import discretized_gaussian_log_likelihood, normal_kl
 from .respace import space_timesteps
