@@ -35,6 +35,14 @@ def test_every_unet_trains_under_edm(name, tmp_path):
     assert grads and all(torch.isfinite(gr).all() for gr in grads)
 
 
+def test_bits_per_dim_callback_refuses_edm_before_training(tmp_path):
+    from ddlab.training import BitsPerDim
+
+    with pytest.raises(ValueError, match="bits/dim is not defined for scheduler=edm.*bpd_every_n_epochs=0"):
+        BitsPerDim(every_n_epochs=1).on_fit_start(None, _module())
+    BitsPerDim(every_n_epochs=0).on_fit_start(None, _module())  # off: nothing to refuse
+
+
 def _module(**kw):
     net = instantiate(compose(EDM_NO_GRIDS + ["model.base_channels=8", "model.channel_mult=[1,2]", "data.image_size=8"]).model)
     return DiffusionModule(net, EDM(), Sampler(kind="ddim", steps=2, progress=False), **kw)

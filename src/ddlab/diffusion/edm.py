@@ -163,13 +163,15 @@ class EDM:
         return (u * bins).floor().clamp(0, bins - 1).long().to(s.device)
 
     # ------------------------------------------------------------------ likelihood
+    bits_per_dim_error = (
+        "bits/dim is not defined for scheduler=edm in ddlab (its likelihood is the discrete variational bound of "
+        "GaussianDiffusion); turn it off with eval.bpd_every_n_epochs=0, and use ddlab.nll only on checkpoints "
+        "trained with a GaussianDiffusion scheduler (linear, cosine, cosine_v, cosine_learned)"
+    )
+
     def calc_bpd_loop(self, *args, **kwargs):
         """Not defined: ddlab's bits/dim is the discrete VP variational bound of :class:`GaussianDiffusion`."""
-        raise NotImplementedError(
-            "bits/dim is not defined for scheduler=edm in ddlab (its likelihood is the discrete variational bound of "
-            "GaussianDiffusion); turn it off with eval.bpd_every_n_epochs=0, and use ddlab.nll only on checkpoints "
-            "trained with a GaussianDiffusion scheduler (linear, cosine, cosine_v, cosine_learned)"
-        )
+        raise NotImplementedError(self.bits_per_dim_error)
 
     def __repr__(self) -> str:
         return (
