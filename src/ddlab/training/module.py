@@ -20,7 +20,7 @@ class DiffusionModule(pl.LightningModule):
 
     Args:
         model: the network ``model(x, t, y)``.
-        diffusion: the :class:`GaussianDiffusion` (schedule, parameterisation, loss).
+        diffusion: the :class:`GaussianDiffusion` (schedule, parameterisation, loss) or :class:`EDM` (sigma space).
         sampler: the :class:`Sampler` used for sample grids and evaluation.
         lr, betas, weight_decay, eps: AdamW settings (``module.*`` in Hydra).
         warmup_steps: linear LR warm-up from 0 over this many optimizer steps.
