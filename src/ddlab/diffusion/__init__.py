@@ -1,6 +1,7 @@
 """Diffusion math in plain PyTorch (no Lightning, no Hydra)."""
 
 from . import samplers
+from .edm import EDM as EDM  # re-exported (scheduler=edm)
 from .gaussian import GaussianDiffusion
 from .guidance import GUIDANCE_BATCHING, check_guidance, guided_model_fn, resolve_guidance_batching
 from .likelihood import discretized_gaussian_log_likelihood, normal_kl

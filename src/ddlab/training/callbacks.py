@@ -246,6 +246,10 @@ class BitsPerDim(Callback):
         self.every_n_epochs, self.num_images, self.batch_size, self.seed = int(every_n_epochs), int(num_images), int(batch_size), int(seed)
         self._last_epoch = -1
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs and getattr(pl_module.diffusion, "bits_per_dim_error", None):  # EDM: before any step
+            raise ValueError(pl_module.diffusion.bits_per_dim_error)
+
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.every_n_epochs or trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:

@@ -20,7 +20,7 @@ class DiffusionModule(pl.LightningModule):
 
     Args:
         model: the network ``model(x, t, y)``.
-        diffusion: the :class:`GaussianDiffusion` (schedule, parameterisation, loss).
+        diffusion: the :class:`GaussianDiffusion` (schedule, parameterisation, loss) or :class:`EDM` (sigma space).
         sampler: the configured sampler (:mod:`ddlab.diffusion.samplers`) for sample grids and evaluation.
         lr, betas, weight_decay, eps: AdamW settings (``module.*`` in Hydra).
         warmup_steps: linear LR warm-up from 0 over this many optimizer steps.
@@ -63,7 +63,14 @@ class DiffusionModule(pl.LightningModule):
         self.diffusion = diffusion
         self.sampler = sampler or samplers.ddim()
         self.num_classes = int(getattr(model, "num_classes", 0))
-        self.timestep_sampler = make_timestep_sampler(timestep_sampler, diffusion.num_timesteps)
+        # EDM (``scheduler=edm``): the formulation draws continuous noise levels itself (log-normal sigma)
+        self.sigma_space = hasattr(diffusion, "sample_sigma")
+        if self.sigma_space and timestep_sampler != "uniform":
+            raise ValueError(
+                f"module.timestep_sampler={timestep_sampler} importance-samples discrete timesteps; scheduler=edm draws "
+                "sigma from its log-normal (scheduler.P_mean, scheduler.P_std): use module.timestep_sampler=uniform"
+            )
+        self.timestep_sampler = make_timestep_sampler(timestep_sampler, getattr(diffusion, "num_timesteps", 1))
         self._t_last: Optional[float] = None
         self.skipped_steps = 0
 
@@ -91,8 +98,12 @@ class DiffusionModule(pl.LightningModule):
         x, y = batch
         g = self.step_generator()
         y = self.drop_labels(y, g)
-        t, weights = self.timestep_sampler.sample(x.shape[0], generator=g)
-        t, weights = t.to(x.device), weights.to(x.device)
+        if self.sigma_space:  # EDM: t holds the noise levels sigma
+            t = self.diffusion.sample_sigma(x.shape[0], generator=g, device=x.device)
+            weights = torch.ones_like(t)
+        else:
+            t, weights = self.timestep_sampler.sample(x.shape[0], generator=g)
+            t, weights = t.to(x.device), weights.to(x.device)
         noise = torch.randn(x.shape, generator=g, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
         terms = self.diffusion.training_losses(self.model, x, t, y, noise=noise)
         loss = (terms["loss"] * weights).mean()
@@ -114,7 +125,7 @@ class DiffusionModule(pl.LightningModule):
         if "vb" in terms:
             self.log("train/vb", terms["vb"].detach().mean(), **log)
         if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
-            q = (t * 4) // self.diffusion.num_timesteps
+            q = self.diffusion.noise_level_bin(t, 4) if self.sigma_space else (t * 4) // self.diffusion.num_timesteps
             for i in range(4):
                 sel = q == i
                 if sel.any():
@@ -154,7 +165,10 @@ class DiffusionModule(pl.LightningModule):
         x, y = batch
         y = y if self.num_classes else None
         g = torch.Generator(device="cpu").manual_seed(1234 + batch_idx)
-        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), generator=g).to(x.device)
+        if self.sigma_space:
+            t = self.diffusion.sample_sigma(x.shape[0], generator=g, device=x.device)
+        else:
+            t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), generator=g).to(x.device)
         noise = torch.randn(x.shape, generator=g).to(x.device)
         terms = self.diffusion.training_losses(self.ema_model, x, t, y, noise=noise)
         self.log("val/mse", terms["mse"].mean(), on_epoch=True, sync_dist=True, batch_size=x.shape[0])
