@@ -39,6 +39,14 @@ def child_env(data_dir: Optional[Path]) -> dict:
     return env
 
 
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def run_module(module: str, args: Sequence[str], section: Section, log_path: Path, env: dict, what: str,
                min_seconds: float = 3.0) -> dict:
     """Run ``python -m module args`` with output to ``log_path``, killed (its whole process group) when
@@ -58,9 +66,11 @@ def run_module(module: str, args: Sequence[str], section: Section, log_path: Pat
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise OverBudget(f"{section.name}: '{what}' was killed at the section's deadline ({timeout:.0f} s); log {log_path}")
+            _kill(proc)
+            raise OverBudget(f"{section.name}: '{what}' was killed at the section's deadline ({timeout:.0f} s); log {log_path}") from None
+        except BaseException:  # the budget alarm or Ctrl-C: the child (and its DDP workers) must not outlive the check
+            _kill(proc)
+            raise
     out = {"ok": rc == 0, "rc": rc, "seconds": round(time.perf_counter() - t0, 1), "log": str(log_path)}
     if rc != 0:
         out["tail"] = log_path.read_text(errors="replace")[-1500:]

@@ -9,7 +9,7 @@ from typing import Optional
 
 from benchmarks.common import ROOT
 
-from .budget import Section
+from .budget import OverBudget, Section
 from .cli import child_env, mnist_dir, run_module
 
 
@@ -19,7 +19,7 @@ def _max_time(seconds: float) -> str:
     return f"00:{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def train_overrides(s: dict, precision: str, run_dir: Path) -> list[str]:
+def train_overrides(s: dict, precision: str, run_dir: Path, seconds: float = 0.0) -> list[str]:
     """``make train``'s recipe (experiment=mnist_cfg) on the checked device; toy sizes in --quick, and
     float32 on CPU (bf16 autocast on a CPU is an emulation, not what the check is about)."""
     o = ["experiment=mnist_cfg", f"trainer.precision={precision if s['cuda'] else '32-true'}", f"hydra.run.dir={run_dir}", "logger=csv",
@@ -30,7 +30,7 @@ def train_overrides(s: dict, precision: str, run_dir: Path) -> list[str]:
               "data.val_limit=32", "data.batch_size=16", "trainer.limit_val_batches=1", "callbacks.sample_grid.n=4",
               "sampler.steps=2"]
     else:
-        o += [f"trainer.max_time={_max_time(s['train_seconds'])}", "trainer.max_steps=-1"]
+        o += [f"trainer.max_time={_max_time(seconds or s['train_seconds'])}", "trainer.max_steps=-1"]
     return o
 
 
@@ -47,11 +47,15 @@ def _skipped_steps(ckpt: Path) -> Optional[int]:
     return int(torch.load(ckpt, map_location="cpu", weights_only=False).get("skipped_steps", 0))
 
 
-def train_and_resume(s: dict, sec: Section, env: dict, precision: str) -> dict:
+def train_and_resume(s: dict, sec: Section, env: dict, precision: str, row: dict) -> dict:
     """One training run (grid, last.ckpt) and a resume of ``s['resume_steps']`` more steps from its checkpoint."""
     base = Path(s["out_dir"]) / "e2e" / precision
-    args = train_overrides(s, precision, base / "train")
-    row: dict = {"precision": precision if s["cuda"] else "32-true", "train": run_module("ddlab.train", args, sec, base / "train.log", env, f"train {precision}")}
+    seconds = min(s["train_seconds"], sec.left() - s["after_train_s"])  # leave time for start-up, grid and resume
+    if not s["quick"] and seconds < s["train_seconds"]:
+        sec.note(f"{precision}: trained {max(seconds, 0):.0f} s instead of {s['train_seconds']} s (the section's time left)")
+    args = train_overrides(s, precision, base / "train", max(seconds, 5))
+    row["precision"] = precision if s["cuda"] else "32-true"
+    row["train"] = run_module("ddlab.train", args, sec, base / "train.log", env, f"train {precision}")
     m = _metrics(base / "train")
     ckpt = base / "train" / "checkpoints" / "last.ckpt"
     grids = sorted((base / "train" / "samples").glob("*.png"))
@@ -59,6 +63,8 @@ def train_and_resume(s: dict, sec: Section, env: dict, precision: str) -> dict:
                checkpoint=str(ckpt) if ckpt.is_file() else None, sample_grid=str(grids[-1]) if grids else None)
     if m.get("global_step") and row["train"]["seconds"]:
         row["steps_per_s_incl_startup"] = round(m["global_step"] / row["train"]["seconds"], 2)
+    if precision == "16-mixed":
+        row["skipped_steps"] = _skipped_steps(ckpt)  # the resume below updates it
     if not ckpt.is_file():
         sec.note(f"{precision}: no checkpoint was written; resume skipped")
         return row
@@ -86,14 +92,14 @@ def _classifier(s: dict, sec: Section, env: dict) -> tuple[Optional[str], str]:
     return (str(out), "trained here (1 epoch; its FID is not comparable with the README's)") if r["ok"] else (None, "training failed")
 
 
-def sample_and_fid(s: dict, sec: Section, env: dict, ckpt: str) -> dict:
+def sample_and_fid(s: dict, sec: Section, env: dict, ckpt: str, out: dict) -> dict:
     base = Path(s["out_dir"]) / "e2e" / "eval"
     n = 8 if s["quick"] else 256
     dev = ["device=cuda"] if s["cuda"] else ["device=cpu", "torch_threads=2"]
     steps = ["sampler.steps=2"] if s["quick"] else []
-    out: dict = {"sample": run_module("ddlab.sample", [f"ckpt={ckpt}", f"n={n}", f"batch_size={n}", f"out={base / 'sample'}",
-                                                       f"hydra.run.dir={base / 'sample'}", "progress=false"] + dev + steps,
-                                      sec, base / "sample.log", env, "ddlab.sample")}
+    args = [f"ckpt={ckpt}", f"n={n}", f"batch_size={n}", f"out={base / 'sample'}", f"hydra.run.dir={base / 'sample'}",
+            "progress=false"] + dev + steps
+    out["sample"] = run_module("ddlab.sample", args, sec, base / "sample.log", env, "ddlab.sample")
     out["sample_grid"] = str(base / "sample" / "grid.png") if (base / "sample" / "grid.png").is_file() else None
     path, how = _classifier(s, sec, env)
     out["classifier"] = how
@@ -112,19 +118,27 @@ def sample_and_fid(s: dict, sec: Section, env: dict, ckpt: str) -> dict:
 
 
 def e2e(s: dict, sec: Section) -> dict:
+    """bf16 (and on CUDA fp16) training with resume, then sample and FID from the bf16 checkpoint.
+    A cut keeps what finished (``out`` and its rows are filled in place)."""
     data = mnist_dir()
     if data is None:
         sec.note("MNIST IDX files not found ($DDLAB_DATA_DIR, ../shared/data, ./data): end-to-end runs skipped")
         return {"rows": []}
+    if not s["cuda"]:
+        sec.note("fp16-mixed (grad scaler) and bf16-mixed: CUDA only; the CPU path trains in float32")
     env = child_env(data)
-    rows = [train_and_resume(s, sec, env, "bf16-mixed")]
-    if s["cuda"]:
-        rows.append(train_and_resume(s, sec, env, "16-mixed"))
-    else:
-        sec.note("fp16-mixed (grad scaler): CUDA only, skipped on CPU")
-    out = {"rows": rows}
-    if rows[0].get("checkpoint"):
-        out["eval"] = sample_and_fid(s, sec, env, rows[0]["checkpoint"])
+    out: dict = {"rows": []}
+    try:  # bf16, then sample and FID on its checkpoint, then fp16 (the last gets what time is left)
+        out["rows"].append({})
+        train_and_resume(s, sec, env, "bf16-mixed", out["rows"][-1])
+        if out["rows"][0].get("checkpoint"):
+            out["eval"] = {}
+            sample_and_fid(s, sec, env, out["rows"][0]["checkpoint"], out["eval"])
+        if s["cuda"]:
+            out["rows"].append({})
+            train_and_resume(s, sec, env, "16-mixed", out["rows"][-1])
+    except OverBudget as e:
+        sec.note(str(e))
     return out
 
 

@@ -71,3 +71,27 @@ def test_budget_shares_and_cut():
     sb = b.section("b")  # a finished early: b gets half of what is left (b and c weigh the same)
     assert 49 < sb.seconds <= 50
     assert sb.deadline <= b.end
+
+
+def test_flop_count_matches_the_closed_form_and_scales_with_batch():
+    from types import SimpleNamespace
+
+    import torch
+
+    from benchmarks.gpu_check.throughput import count_flops
+    from ddlab.diffusion import GaussianDiffusion
+
+    class Net(torch.nn.Module):  # one 3x3 convolution, C -> C
+        def __init__(self, c):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False)
+
+        def forward(self, x, t, y=None):
+            return self.conv(x)
+
+    c, hw, batch = 2, 8, 12
+    cfg = SimpleNamespace(model=SimpleNamespace(in_channels=c, image_size=hw))
+    diffusion = GaussianDiffusion(num_timesteps=10)
+    got = count_flops(cfg, Net(c), diffusion, batch, torch.device("cpu"), probe=4)
+    forward = 2 * batch * hw * hw * c * c * 9  # multiply-adds of the convolution
+    assert got == forward * 2  # + the weight gradient (the noisy input needs no gradient)
