@@ -55,8 +55,8 @@ def diffusers_loop(sch, model, steps: int, shape, y, w: float, generator, device
     x = torch.randn(*shape, device=device, generator=generator) * sch.init_noise_sigma
     null = torch.full_like(y, int(model.num_classes))
     for t in sch.timesteps:
-        tb = torch.full((shape[0],), int(t), device=device, dtype=torch.long)
-        cond, uncond = model(torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([y, null])).chunk(2)
+        tb = t.to(device=device, dtype=torch.long).expand(2 * shape[0])  # no host sync per step
+        cond, uncond = model(torch.cat([x, x]), tb, torch.cat([y, null])).chunk(2)
         x = sch.step(uncond + w * (cond - uncond), t, x).prev_sample
     return x
 
