@@ -29,8 +29,12 @@ def mnist_dir() -> Optional[Path]:
     return None
 
 
-def child_env(data_dir: Optional[Path]) -> dict:
+def child_env(data_dir: Optional[Path], threads: Optional[int] = None) -> dict:
+    """The environment of the CLI subprocesses: this checkout's sources, the MNIST folder, and on CPU
+    ``threads`` OpenMP threads (for CLIs without a torch_threads key)."""
     env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     if data_dir is not None:
         env["DDLAB_DATA_DIR"] = str(data_dir)

@@ -24,7 +24,7 @@ def train_overrides(s: dict, precision: str, run_dir: Path, seconds: float = 0.0
     float32 on CPU (bf16 autocast on a CPU is an emulation, not what the check is about)."""
     o = ["experiment=mnist_cfg", f"trainer.precision={precision if s['cuda'] else '32-true'}", f"hydra.run.dir={run_dir}", "logger=csv",
          "callbacks.checkpoint.every_n_steps=0"]
-    o += ["trainer=gpu"] if s["cuda"] else ["trainer=cpu", "torch_threads=2"]
+    o += ["trainer=gpu"] if s["cuda"] else ["trainer=cpu", "torch_threads=1"]
     if s["quick"]:
         o += ["trainer.max_time=null", f"trainer.max_steps={s['e2e_steps']}", "model.base_channels=8", "data.limit=256",
               "data.val_limit=32", "data.batch_size=16", "trainer.limit_val_batches=1", "callbacks.sample_grid.n=4",
@@ -95,7 +95,7 @@ def _classifier(s: dict, sec: Section, env: dict) -> tuple[Optional[str], str]:
 def sample_and_fid(s: dict, sec: Section, env: dict, ckpt: str, out: dict) -> dict:
     base = Path(s["out_dir"]) / "e2e" / "eval"
     n = 8 if s["quick"] else 256
-    dev = ["device=cuda"] if s["cuda"] else ["device=cpu", "torch_threads=2"]
+    dev = ["device=cuda"] if s["cuda"] else ["device=cpu", "torch_threads=1"]
     steps = ["sampler.steps=2"] if s["quick"] else []
     args = [f"ckpt={ckpt}", f"n={n}", f"batch_size={n}", f"out={base / 'sample'}", f"hydra.run.dir={base / 'sample'}",
             "progress=false"] + dev + steps
@@ -126,7 +126,7 @@ def e2e(s: dict, sec: Section) -> dict:
         return {"rows": []}
     if not s["cuda"]:
         sec.note("fp16-mixed (grad scaler) and bf16-mixed: CUDA only; the CPU path trains in float32")
-    env = child_env(data)
+    env = child_env(data, None if s["cuda"] else 1)
     out: dict = {"rows": []}
     try:  # bf16, then sample and FID on its checkpoint, then fp16 (the last gets what time is left)
         out["rows"].append({})
@@ -157,7 +157,7 @@ def ddp(s: dict, sec: Section) -> dict:
     args = [a for a in args if not a.startswith("trainer.max_")]
     args += ["trainer=ddp", f"trainer.devices={devices}", f"trainer.accelerator={'gpu' if s['cuda'] else 'cpu'}",
              f"trainer.max_steps={steps}", "trainer.max_time=null", "callbacks.sample_grid.at_end=false"]
-    r = run_module("ddlab.train", args, sec, run_dir.with_suffix(".log"), child_env(data), f"ddp x{devices}")
+    r = run_module("ddlab.train", args, sec, run_dir.with_suffix(".log"), child_env(data, None if s["cuda"] else 1), f"ddp x{devices}")
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     backend = "nccl" if s["cuda"] else "gloo"
     return {"rows": [{"devices": devices, "backend": backend, "steps": _metrics(run_dir).get("global_step"),

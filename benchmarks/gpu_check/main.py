@@ -104,6 +104,8 @@ def main(argv: Optional[list] = None) -> dict:
     from ddlab import runtime
 
     s = settings(args, dev)
+    if not s["cuda"]:  # the CPU path checks the code, not speed: one thread (and torch_threads=1 in the CLIs)
+        torch.set_num_threads(1)  # stays fast on a shared, loaded CI machine where 2 spinning threads crawl
     name = torch.cuda.get_device_name(dev) if s["cuda"] else "cpu"
     s["peak_tflops"], peak_source = peak_tflops(name, args.peak_tflops) if (s["cuda"] or args.peak_tflops) else (None, "CPU")
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")

@@ -95,3 +95,39 @@ def test_flop_count_matches_the_closed_form_and_scales_with_batch():
     got = count_flops(cfg, Net(c), diffusion, batch, torch.device("cpu"), probe=4)
     forward = 2 * batch * hw * hw * c * c * 9  # multiply-adds of the convolution
     assert got == forward * 2  # + the weight gradient (the noisy input needs no gradient)
+
+
+def test_throughput_and_sampling_code_paths_in_process(tmp_path, monkeypatch):
+    """The sections' measuring code without the CLI's budget (which a loaded CI machine may spend on
+    start-up): one throughput case through both runners, one guided sampler against diffusers."""
+    import torch
+
+    from benchmarks.gpu_check.main import parse, settings
+
+    s = settings(parse(["--device", "cpu", "--quick"]), torch.device("cpu"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the CLI does on CPU: two spinning threads crawl on a loaded machine
+    try:
+        _measure_in_process(s, tmp_path, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure_in_process(s, tmp_path, monkeypatch):
+    from benchmarks.gpu_check import throughput as tp
+    from benchmarks.gpu_check.budget import Section
+    from benchmarks.gpu_check.sampling import sampling
+
+    s.update(out_dir=str(tmp_path), peak_tflops=1.0, case_seconds=120, sample_batch=2, samplers=[("ddim", 2)])
+    first = tp.cases(s)[:1]
+    monkeypatch.setattr(tp, "cases", lambda s: first)
+    row = tp.throughput(s, Section("throughput", 300))["rows"][0]
+    assert row["precision"] == "32-true" and "error" not in row, row
+    for impl in ("bare", "lightning"):
+        m = row[impl]
+        assert m["steps"] == s["train_warmup"] + s["train_steps"] and not m["cut"]
+        assert m["images_per_s"] > 0 and 0 < m["mfu"] < 1  # against a 1 TFLOP/s "peak"
+    res = sampling(s, Section("sampling", 300))
+    r = res["rows"][0]
+    assert set(r["images_per_s"]) == {"ddlab_joint", "ddlab_split", "diffusers"} and min(r["images_per_s"].values()) > 0
+    assert res["measured_faster"] == r["faster_batching"] in ("joint", "split")
