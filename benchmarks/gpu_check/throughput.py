@@ -86,12 +86,16 @@ def count_flops(cfg, model, diffusion, batch: int, device: torch.device, probe: 
 
 
 class _Stop:
-    """When a timed loop ends: after ``warmup + steps`` batches or at ``deadline`` (then ``cut``)."""
+    """When a timed loop ends: after ``warmup + steps`` batches, ``seconds`` after the warm-up (a compile
+    or cuDNN autotuning happens in the warm-up, which only the section's deadline bounds), or at the
+    section's ``deadline``; ``cut`` says that it ended before all its steps."""
 
-    def __init__(self, warmup: int, steps: int, deadline: float):
-        self.total, self.deadline, self.cut = warmup + steps, deadline, False
+    def __init__(self, warmup: int, steps: int, seconds: float, deadline: float):
+        self.warmup, self.total, self.seconds, self.deadline, self.cut = warmup, warmup + steps, seconds, deadline, False
 
     def done(self, ends: list) -> bool:
+        if len(ends) == self.warmup:
+            self.deadline = min(self.deadline, time.monotonic() + self.seconds)
         if len(ends) >= self.total:
             return True
         if time.monotonic() >= self.deadline:
@@ -181,7 +185,7 @@ def measure(case: dict, s: dict, sec: Section, runner, impl: str) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
     sec.check(f"{case['spec']['preset']} {impl}")
-    stop = _Stop(warmup, steps, min(time.monotonic() + min(s["case_seconds"], sec.left() / 2), sec.deadline))
+    stop = _Stop(warmup, steps, min(s["case_seconds"], sec.left() / 2), sec.deadline)
     ends = runner(cfg, model, diffusion, loader, case, dev, stop)
     ips = images_per_s(ends, warmup, case["batch"])
     flops = s["flops"].get(key)

@@ -131,3 +131,17 @@ def _measure_in_process(s, tmp_path, monkeypatch):
     r = res["rows"][0]
     assert set(r["images_per_s"]) == {"ddlab_joint", "ddlab_split", "diffusers"} and min(r["images_per_s"].values()) > 0
     assert res["measured_faster"] == r["faster_batching"] in ("joint", "split")  # one sampler: its own verdict
+
+
+def test_alarm_interrupts_work_that_cannot_check_the_deadline():
+    from benchmarks.gpu_check.budget import OverBudget
+    from benchmarks.gpu_check.main import alarm
+
+    t0 = time.monotonic()
+    with pytest.raises(OverBudget, match="sampling: interrupted"):
+        with alarm(0.2, "sampling"):
+            time.sleep(5)
+    assert time.monotonic() - t0 < 2
+    with alarm(5, "quick"):  # work that ends in time is not disturbed, and the timer is cleared
+        pass
+    time.sleep(0.1)
