@@ -145,3 +145,32 @@ def test_alarm_interrupts_work_that_cannot_check_the_deadline():
     with alarm(5, "quick"):  # work that ends in time is not disturbed, and the timer is cleared
         pass
     time.sleep(0.1)
+
+
+def test_the_gpu_plan_covers_what_the_issue_asks():
+    """The CUDA settings cannot run here; their plan can be checked: every case the issue names is listed,
+    the important ones first, and the CLI overrides compose with the real configs."""
+    from pathlib import Path
+
+    import torch
+
+    from benchmarks.gpu_check import e2e
+    from benchmarks.gpu_check.main import parse, settings
+    from benchmarks.gpu_check.throughput import cases
+    from tests.conftest import compose
+
+    s = settings(parse([]), torch.device("cuda"))
+    plan = cases(s)
+    got = {(c["spec"]["preset"], c["spec"]["size"], c["batch"], c["precision"], c["channels_last"], c["compile"]) for c in plan}
+    for preset, size in (("unet_res_mnist", 28), ("unet_adm", 64)):
+        for b in (64, 256):
+            for p in ("32-true", "bf16-mixed", "16-mixed"):
+                assert (preset, size, b, p, False, False) in got
+        assert (preset, size, 64, "bf16-mixed", True, False) in got
+    assert ("unet_res_mnist", 28, 64, "bf16-mixed", False, True) in got
+    assert [c["batch"] for c in plan[:6]] == [64] * 6 and plan[0]["precision"] == "bf16-mixed"
+    assert s["samplers"] == [("ddim", 50), ("dpmpp_2m", 10)] and s["sample_batch"] == 256 and s["ddp_steps"] == 20
+    args = [a for a in e2e.train_overrides(s, "16-mixed", Path("/tmp/x"), 60) if not a.startswith("hydra.")]
+    cfg = compose(args)
+    assert (cfg.trainer.accelerator, cfg.trainer.precision, cfg.trainer.max_time) == ("gpu", "16-mixed", "00:00:01:00")
+    assert cfg.name == "mnist_cfg" and cfg.trainer.benchmark is True
