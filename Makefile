@@ -17,7 +17,7 @@ N ?= 50000
 STEPS ?= 50
 GUIDANCE ?=
 
-.PHONY: install train test sample fid nll bench bench-quality classifier lint clean
+.PHONY: install train test sample fid nll bench bench-gpu bench-quality classifier lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -43,6 +43,9 @@ fid: install  ## make fid CKPT=path [N=50000] [STEPS=50] [GUIDANCE=...]
 
 bench: install  ## speed and memory measurements (not tests)
 	$(PY) -m benchmarks.run $(ARGS)
+
+bench-gpu: install  ## the CUDA check in one call, 8-minute budget (ARGS="--device cpu --quick" checks the script on a CPU)
+	$(PY) -m benchmarks.gpu_check $(ARGS)
 
 bench-quality: install  ## ddlab's MNIST recipe vs a tuned diffusers baseline, same CPU budget (ARGS="--budget 1800 --search")
 	$(PY) -m benchmarks.quality $(ARGS)

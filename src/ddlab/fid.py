@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ddlab import config as _config  # noqa: F401  (registers resolvers)
+from ddlab import runtime
 
 log = logging.getLogger("ddlab.fid")
 
@@ -100,6 +101,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if int(cfg.bpd.n) > 0 and cfg.ckpt is None:
         raise ValueError("bpd.n > 0 needs a model: give ckpt=...")
     device = _device(str(cfg.device))
+    runtime.apply(**(cfg.get("runtime") or {}), device=device)
     out_dir = Path(cfg.paths.output_dir) if HydraConfig.initialized() else Path(cfg.output or "fid.json").parent
     record: dict[str, Any] = {"ckpt": str(cfg.ckpt) if cfg.ckpt else None}
 

@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ddlab import config as _config  # noqa: F401  (registers resolvers)
+from ddlab import runtime
 
 log = logging.getLogger("ddlab.sample")
 
@@ -68,6 +69,7 @@ def sample(cfg: DictConfig) -> dict:
     if n < 1 or bs < 1:
         raise ValueError(f"n and batch_size must be positive integers, got n={n}, batch_size={bs}")
     device = resolve_device(str(cfg.device))
+    runtime.apply(**(cfg.get("runtime") or {}), device=device)
     loaded = load_checkpoint(cfg.ckpt, use_ema=bool(cfg.ema), device=device)
     model, diffusion = loaded.model, loaded.diffusion
     sampler = instantiate(cfg.sampler)

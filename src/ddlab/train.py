@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ddlab import config as _config  # noqa: F401  (registers resolvers)
-from ddlab import sweep
+from ddlab import runtime, sweep
 from ddlab.models.contract import check_model_contract
 from ddlab.training import wandb_utils
 
@@ -49,7 +49,7 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 # model keys that change only speed or memory, not the weights' shapes or meaning
-_RUNTIME_MODEL_KEYS = {"gradient_checkpointing", "channels_last", "compile", "dropout"}
+_RUNTIME_MODEL_KEYS = {"gradient_checkpointing", "channels_last", "compile", "compile_mode", "dropout"}
 
 
 def check_resume_checkpoint(path: str, resolved: dict) -> None:
@@ -112,6 +112,7 @@ def train(cfg: DictConfig) -> Optional[float]:
         plugins=[AtomicCheckpointIO()],
         enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
     )
+    runtime.apply(**(cfg.get("runtime") or {}), device=trainer.strategy.root_device)  # after the Trainer (it sets cudnn.benchmark)
 
     n_params = count_parameters(model)
     log.info("model: %s parameters; diffusion: %s", f"{n_params['params/total']:,}", diffusion)

@@ -16,6 +16,9 @@ from .embeddings import ClassEmbedding, TimeEmbedding
 CHANNEL_CHANGING = ("res", "conv")
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 class Unit(nn.Module):
     """The ``blocks`` sequence applied once at one resolution: ``(B, C_in, H, W) -> (B, C_out, H, W)``.
     The first block maps ``C_in -> C_out``; the rest keep ``C_out``."""
@@ -61,6 +64,8 @@ class UNet(nn.Module):
             (e.g. 28 px MNIST with four levels) symmetrically up to the next multiple, and crop the
             output back; attention resolutions then refer to the padded sizes.
         compile: compile the forward in place with ``torch.compile`` (state-dict keys unchanged).
+        compile_mode: ``torch.compile`` mode when ``compile``: ``default``, ``reduce-overhead`` (CUDA
+            graphs), ``max-autotune`` or ``max-autotune-no-cudagraphs``.
         Other keyword arguments go to every block: ``window_size`` (atn/clsAtn window, null =
         global), ``num_heads`` or ``head_channels``, ``class_tokens`` (clsAtn), ``conv_expansion``
         (conv).
@@ -86,6 +91,7 @@ class UNet(nn.Module):
         channels_last: bool = False,
         pad_input: bool = False,
         compile: bool = False,
+        compile_mode: str = "default",
         **block_kwargs,
     ):
         super().__init__()
@@ -154,8 +160,10 @@ class UNet(nn.Module):
         self.out = nn.Sequential(norm(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, self.out_channels, 3, padding=1)))
         if channels_last:
             self.to(memory_format=torch.channels_last)
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"model.compile_mode: unknown mode {compile_mode!r}; choose from {', '.join(COMPILE_MODES)}")
         if compile:
-            self.compile()
+            self.compile(mode=None if compile_mode == "default" else compile_mode)
 
     @staticmethod
     def _validate(image_size, in_channels, base_channels, channel_mult, blocks, num_blocks, num_classes, dropout, pad_input=False):

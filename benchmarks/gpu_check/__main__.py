@@ -1,0 +1,4 @@
+from benchmarks.gpu_check.main import main
+
+if __name__ == "__main__":
+    main()
