@@ -76,7 +76,7 @@ def tiny_unet():
     from ddlab.models import UNet
 
     torch.manual_seed(0)
-    net = UNet(image_size=8, in_channels=2, out_channels=4, base_channels=8, channel_mult=[1, 2], num_classes=3)
+    net = UNet(image_size=8, in_channels=2, out_channels=4, base_channels=8, channel_mult=[1], num_classes=3)
     with torch.no_grad():
         for p in net.parameters():  # the output conv is zero-initialised: give every layer weights
             p.add_(0.05 * torch.randn_like(p))
@@ -88,9 +88,11 @@ def test_every_scheduler_runs_on_a_tiny_model(name):
     net = tiny_unet()
     calls = []
     net.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    d = GaussianDiffusion("cosine", T, variance="learned_range", loss="hybrid")  # 2C outputs: mean channels used
+    # 2C outputs: the mean channels are used. (The linear schedule: on the cosine one, sigma_max = 2e4 and
+    # EulerAncestralDiscreteScheduler's float32 step can return NaN at 3 steps, which the sampler reports.)
+    d = GaussianDiffusion("linear", T, variance="learned_range", loss="hybrid")
     kw = {"skip_prk_steps": True} if name == "PNDMScheduler" else {}
-    s = DiffusersSampler(name, steps=4, scheduler_kwargs=kw, guidance_scale=2.0, guidance_batching="split", progress=False)
+    s = DiffusersSampler(name, steps=3, scheduler_kwargs=kw, guidance_scale=2.0, guidance_batching="split", progress=False)
     y = torch.tensor([0, 2])
     x1 = s.sample(net, d, (2, 2, 8, 8), y=y, generator=torch.Generator().manual_seed(1))
     n_calls = len(calls)

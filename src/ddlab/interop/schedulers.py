@@ -266,6 +266,11 @@ class DiffusersSampler:
         for t in timesteps:
             out = denoise(sched.scale_model_input(x, t), t)
             x = sched.step(out, t, x, **extra).prev_sample
+        if not bool(torch.isfinite(x).all()):
+            raise FloatingPointError(
+                f"{self.scheduler} produced non-finite samples with steps={self.steps}: its float32 arithmetic can fail at "
+                f"the schedule's largest noise level (sigma_max={float(sched.sigmas.max()) if hasattr(sched, 'sigmas') else 'n/a'}); "
+                "use more steps or another scheduler")
         return x.clamp(-1.0, 1.0)
 
     def __repr__(self) -> str:
