@@ -260,3 +260,16 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, 
     url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
     api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder), commit_message=commit_message)
     return str(url)
+
+
+def load_pretrained_checkpoint(name_or_path: str | os.PathLike, use_ema: bool = True,
+                               device: Optional[torch.device | str] = None) -> Pretrained:
+    """:func:`load_pretrained` for the evaluation core (``pretrained=`` in place of ``ckpt=``): the same
+    fields as :func:`ddlab.checkpoint.load_checkpoint`'s result. An export holds one set of weights, so
+    asking for the other set (``ema=false`` of an EMA export, or the reverse) is refused."""
+    p = load_pretrained(name_or_path, device=device)
+    if bool(use_ema) != p.ema:
+        have, want = ("EMA", "live") if p.ema else ("live", "EMA")
+        raise ValueError(f"pretrained={name_or_path} holds the {have} weights only, but ema={str(bool(use_ema)).lower()} asks "
+                         f"for the {want} weights; use ema={str(p.ema).lower()} or export with ema={str(not p.ema).lower()}")
+    return p

@@ -198,6 +198,7 @@ def tiny_diffusers_model(num_classes=0):
         return StandIn()
 
 
+@pytest.mark.slow
 def test_diffusers_pipeline_export_loads_and_samples_in_diffusers(tmp_path):
     from diffusers import DDIMPipeline, DDPMPipeline
 
@@ -239,3 +240,14 @@ def test_diffusers_export_refuses_conditional_and_non_diffusers_models(tmp_path)
         export_diffusers(tiny_diffusers_model(num_classes=3), d, tmp_path / "x")
     with pytest.raises(ValueError, match="not a model=diffusers_unet2d wrapper"):
         export_diffusers(UNet(image_size=8, in_channels=1, base_channels=8, channel_mult=[1]), d, tmp_path / "y")
+
+
+def test_evaluation_core_loader_has_checkpoint_fields(run, exported):
+    from ddlab.checkpoint import LoadedCheckpoint
+    from ddlab.hub import load_pretrained_checkpoint
+
+    p = load_pretrained_checkpoint(exported, use_ema=True, device="cpu")
+    ref = load_checkpoint(run["ckpt"])
+    assert isinstance(p, LoadedCheckpoint) and p.config["model"] == ref.config["model"] and p.global_step == ref.global_step
+    with pytest.raises(ValueError, match="holds the EMA weights only"):
+        load_pretrained_checkpoint(exported, use_ema=False)

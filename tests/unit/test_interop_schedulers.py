@@ -102,6 +102,25 @@ def test_every_scheduler_runs_on_a_tiny_model(name):
     assert n_calls == 2 * s.nfe(guided=False) == s.nfe(guided=True)  # split: two forwards per evaluation
 
 
+def test_fractional_timesteps_with_karras_sigmas():
+    """Karras sigmas fall between training steps: the model gets float t, clipping interpolates alpha-bar."""
+    from ddlab.interop.schedulers import alpha_bar_at
+
+    d = GaussianDiffusion("linear", T)
+    ab = d.alphas_cumprod
+    log_sigma = lambda a: 0.5 * np.log((1 - a) / a)  # noqa: E731
+    mid = alpha_bar_at(ab, 10.25)  # log-sigma is linear in t between the neighbours
+    np.testing.assert_allclose(log_sigma(mid), 0.75 * log_sigma(float(ab[10])) + 0.25 * log_sigma(float(ab[11])), rtol=1e-12)
+    assert alpha_bar_at(ab, 10.0) == float(ab[10])
+    seen = []
+    net = tiny_unet()
+    net.register_forward_pre_hook(lambda m, args: seen.append(args[1].dtype))
+    s = DiffusersSampler("EulerDiscreteScheduler", steps=4, scheduler_kwargs={"use_karras_sigmas": True}, progress=False)
+    x = s.sample(net, GaussianDiffusion("linear", T, variance="learned_range", loss="hybrid"), (1, 2, 8, 8),
+                 y=torch.tensor([1]), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(x).all() and torch.float32 in seen
+
+
 def test_bad_options_are_refused_naming_the_key():
     with pytest.raises(ValueError, match="sampler.scheduler: 'EulerScheduler'.*choose from"):
         DiffusersSampler("EulerScheduler")
