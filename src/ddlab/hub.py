@@ -102,6 +102,10 @@ def export_model(model: nn.Module, run_config: dict, out: str | os.PathLike, *, 
             raise ValueError(f"the run config has no `{key}` section, so the export could not rebuild the model")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in (WEIGHTS, CONFIG, CARD, GRID, MANIFEST))
+    if foreign:
+        raise FileExistsError(f"out={out} holds other files ({', '.join(foreign[:5])}); export into a new or empty folder "
+                              "(an earlier export there is replaced)")
     for stale in (MANIFEST, GRID):
         (out / stale).unlink(missing_ok=True)
     was_training = model.training

@@ -251,3 +251,9 @@ def test_evaluation_core_loader_has_checkpoint_fields(run, exported):
     assert isinstance(p, LoadedCheckpoint) and p.config["model"] == ref.config["model"] and p.global_step == ref.global_step
     with pytest.raises(ValueError, match="holds the EMA weights only"):
         load_pretrained_checkpoint(exported, use_ema=False)
+
+
+def test_export_refuses_a_folder_with_other_files(run, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds other files \\(notes.txt\\)"):
+        export(compose([f"ckpt={run['ckpt']}", f"out={tmp_path}", "grid_n=0"], config_name="export"))
