@@ -202,7 +202,7 @@ class DiffusersSampler:
         self.guidance_scale = float(guidance_scale)
         self.guidance_batching = guidance_batching
         self.progress = progress
-        self._nfe: Optional[int] = None
+        self._nfe: dict = {}  # steps -> timesteps per run (steps may be changed on the instance)
 
     @property
     def name(self) -> str:
@@ -214,11 +214,11 @@ class DiffusersSampler:
 
     def nfe(self, guided: bool = False) -> int:
         """Network evaluations per image: one per scheduler timestep, twice that with guidance."""
-        if self._nfe is None:
+        if self.steps not in self._nfe:
             s = self.build(GaussianDiffusion(schedule="linear", num_timesteps=1000))
             s.set_timesteps(self.steps)
-            self._nfe = int(len(s.timesteps))
-        return self._nfe * (2 if guided else 1)
+            self._nfe[self.steps] = int(len(s.timesteps))
+        return self._nfe[self.steps] * (2 if guided else 1)
 
     def _denoiser(self, fn, prediction: str, alphas_cumprod: torch.Tensor, y, channels: int):
         """The model function the scheduler calls. Clipping uses the scheduler's own alpha-bar table,
