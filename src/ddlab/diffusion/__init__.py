@@ -5,7 +5,7 @@ from .likelihood import discretized_gaussian_log_likelihood, normal_kl
 from .respace import space_timesteps
 from .sampling import Sampler, check_guidance, ddim_step, guided_model_fn
 from .schedules import cosine_betas, linear_betas, make_betas
-from .timestep_sampler import LossAwareSampler, UniformSampler, make_timestep_sampler
+from .timestep_sampler import LossAwareSampler, UniformSampler
 
 __all__ = [
     "GaussianDiffusion",
@@ -19,7 +19,6 @@ __all__ = [
     "guided_model_fn",
     "linear_betas",
     "make_betas",
-    "make_timestep_sampler",
     "normal_kl",
     "space_timesteps",
 ]
