@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddlab.metrics import write_random_weights
+from tests.inception_weights import write_random_weights
 from ddlab.train import train
 from tests.conftest import ROOT, compose
 

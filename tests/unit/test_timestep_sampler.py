@@ -12,8 +12,8 @@ from ddlab.diffusion import LossAwareSampler, UniformSampler
 def _reference_history(T, h, batches):
     """Last ``h`` losses per timestep, recorded one sample at a time in batch order."""
     hist = [collections.deque(maxlen=h) for _ in range(T)]
-    for t, l in batches:
-        for ti, li in zip(t.tolist(), l.tolist()):
+    for t, loss in batches:
+        for ti, li in zip(t.tolist(), loss.tolist()):
             hist[ti].append(li)
     return hist
 
@@ -23,8 +23,8 @@ def test_loss_aware_history_equals_a_sequential_record():
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randint(0, T, (n,), generator=g), torch.rand(n, generator=g, dtype=torch.float64)) for n in (4, 9, 2, 12, 7)]
     s = LossAwareSampler(T, history=h)
-    for t, l in batches:
-        s.update(t, l)
+    for t, loss in batches:
+        s.update(t, loss)
     ref = _reference_history(T, h, batches)
     for ti in range(T):
         assert int(s.loss_counts[ti]) == len(ref[ti])
