@@ -141,7 +141,7 @@ def _finite(obj) -> bool:
 SECTIONS = ("train", "sampling", "data", "scaling", "presets")
 
 
-def main(argv=None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds per section (smoke run)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when present, else cpu")
@@ -163,6 +163,28 @@ def main(argv=None) -> dict:
     p.add_argument("--no-memory", action="store_true", help="CPU: skip the per-case memory subprocesses")
     p.add_argument("--note", default=None, help="free text stored with the result (e.g. 'machine shared with other jobs')")
     p.add_argument("--memcase", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _run_sections(sections: set, s: dict, dev: torch.device, args, result: dict, save) -> None:
+    """Each section in turn, saving the JSON after each so an interrupted run keeps what it measured."""
+    notes = result["notes"]
+    runs = {"train": lambda: bench_train(s, dev, memory=not args.no_memory, notes=notes),
+            "sampling": lambda: bench_sampling(s, dev, notes), "data": lambda: bench_data(s, dev, notes),
+            "scaling": lambda: bench_scaling(s, dev, notes)}
+    for name, run in runs.items():
+        if name in sections:
+            result[name] = run()
+            save()
+    if "presets" in sections:
+        if args.quick:
+            notes.append("presets: run_presets is not called under --quick")
+        else:
+            result["presets"] = bench_presets(s, notes)
+
+
+def main(argv=None) -> dict:
+    p = _parser()
     args = p.parse_args(argv)
 
     _quiet()
@@ -204,23 +226,7 @@ def main(argv=None) -> dict:
         result["wall_s"] = (_dt.datetime.now() - started).total_seconds()
         path.write_text(json.dumps(result, indent=1, default=str))
 
-    if "train" in sections:
-        result["train"] = bench_train(s, dev, memory=not args.no_memory, notes=notes)
-        save()
-    if "sampling" in sections:
-        result["sampling"] = bench_sampling(s, dev, notes)
-        save()
-    if "data" in sections:
-        result["data"] = bench_data(s, dev, notes)
-        save()
-    if "scaling" in sections:
-        result["scaling"] = bench_scaling(s, dev, notes)
-        save()
-    if "presets" in sections:
-        if args.quick:
-            notes.append("presets: run_presets is not called under --quick")
-        else:
-            result["presets"] = bench_presets(s, notes)
+    _run_sections(sections, s, dev, args, result, save)
     try:
         result["machine"]["load_average_at_end"] = list(os.getloadavg())
     except OSError:

@@ -82,37 +82,47 @@ def bench_sampling(s: dict, dev: torch.device, notes: list) -> list[dict]:
         impls = {1.0: [("ddlab", ddlab_fn), ("diffusers", diff_fn)],
                  w: [("ddlab_joint", lambda n, sc: ddlab_fn(n, sc, "joint")), ("ddlab_split", lambda n, sc: ddlab_fn(n, sc, "split")),
                      ("diffusers", diff_fn)]}
-        with torch.inference_mode():
-            for scale in (1.0, w):  # warm-up: a few steps of each, same shapes
-                for _, fn in impls[scale]:
-                    fn(min(2, steps), scale)
-            times = {(impl, scale): [] for scale in (1.0, w) for impl, _ in impls[scale]}
-            for r in range(s["sample_repeats"]):
-                for scale in (1.0, w):
-                    order = impls[scale]
-                    for impl, fn in (order if r % 2 == 0 else order[::-1]):
-                        t0 = now(dev)
-                        fn(steps, scale)
-                        times[(impl, scale)].append(now(dev) - t0)
+        times = _time_impls(impls, steps, s["sample_repeats"], dev)
         auto = resolve_guidance_batching("auto", dev)
         times[("ddlab", w)] = times[(f"ddlab_{auto}", w)]
-        base = times[("ddlab", 1.0)]
         for scale in (1.0, w):
-            dl, df = times[("ddlab", scale)], times[("diffusers", scale)]
-            row = {
-                "kind": kind, "steps": steps, "batch_size": b, "guidance_scale": scale, "model_overrides": extra,
-                "image_shape": list(shape[1:]),
-                "ddlab_images_per_s": stats(b / t for t in dl), "diffusers_images_per_s": stats(b / t for t in df),
-                "ratio": stats(a / c for a, c in zip(df, dl)),  # ddlab images/s over diffusers images/s
-                "guidance_cost": stats(a / c for a, c in zip(dl, base)),  # time with / without guidance
-            }
+            row = {"kind": kind, "steps": steps, "batch_size": b, "guidance_scale": scale, "model_overrides": extra,
+                   "image_shape": list(shape[1:]), **_row_stats(times, scale, b)}
             if scale != 1.0:
                 row["guidance_batching"] = auto  # what the default (`auto`) ran; both are timed
-                for mode in ("joint", "split"):
-                    row[f"guidance_cost_{mode}"] = stats(a / c for a, c in zip(times[(f"ddlab_{mode}", scale)], base))
-                row["diffusers_guidance_cost"] = stats(a / c for a, c in zip(df, times[("diffusers", 1.0)]))
             rows.append(row)
     return rows
+
+
+def _time_impls(impls: dict, steps: int, repeats: int, dev: torch.device) -> dict:
+    """``{(impl, scale): [seconds per run]}``; implementations alternate order repeat by repeat."""
+    with torch.inference_mode():
+        for scale, fns in impls.items():  # warm-up: a few steps of each, same shapes
+            for _, fn in fns:
+                fn(min(2, steps), scale)
+        times = {(impl, scale): [] for scale, fns in impls.items() for impl, _ in fns}
+        for r in range(repeats):
+            for scale, order in impls.items():
+                for impl, fn in (order if r % 2 == 0 else order[::-1]):
+                    t0 = now(dev)
+                    fn(steps, scale)
+                    times[(impl, scale)].append(now(dev) - t0)
+    return times
+
+
+def _row_stats(times: dict, scale: float, b: int) -> dict:
+    base = times[("ddlab", 1.0)]
+    dl, df = times[("ddlab", scale)], times[("diffusers", scale)]
+    row = {
+        "ddlab_images_per_s": stats(b / t for t in dl), "diffusers_images_per_s": stats(b / t for t in df),
+        "ratio": stats(a / c for a, c in zip(df, dl)),  # ddlab images/s over diffusers images/s
+        "guidance_cost": stats(a / c for a, c in zip(dl, base)),  # time with / without guidance
+    }
+    if scale != 1.0:
+        for mode in ("joint", "split"):
+            row[f"guidance_cost_{mode}"] = stats(a / c for a, c in zip(times[(f"ddlab_{mode}", scale)], base))
+        row["diffusers_guidance_cost"] = stats(a / c for a, c in zip(df, times[("diffusers", 1.0)]))
+    return row
 
 
 def markdown(rows: list[dict], st: dict) -> list[str]:
