@@ -79,7 +79,9 @@ def train_classifier(data_dir: str | os.PathLike, out: str | os.PathLike | None 
 
 def _parse(argv: list[str]) -> tuple[str, dict]:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("train", "eval"):
-        print(__doc__)
+        from ddlab.metrics import classifier  # the package docstring holds the usage
+
+        print(classifier.__doc__)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
     opts = {}
     for a in argv[1:]:
