@@ -118,3 +118,28 @@ def test_nonfinite_advice_matches_the_run(tmp_path):
     msg = _diverged(tmp_path, clip=1.0, precision="32-true", ckpt=True)
     assert "gradient_clip_val" not in msg and "precision" not in msg
     assert f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}" in msg and "module.optimizer.lr" in msg
+
+
+def test_a_step_that_is_not_logged_reads_nothing_back_to_the_host(monkeypatch):
+    """Host reads of tensor values (``item``, ``bool``, ``float``, ``int``, ``tolist``, ``cpu``, ``numpy``) would
+    each synchronise with a GPU; a training step that is not logged makes none, with either timestep sampler."""
+    from ddlab.diffusion import LossAwareSampler
+
+    calls = []
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist", "cpu", "numpy"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _real=real, _name=name, **k):
+            calls.append(_name)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    for sampler in (functools.partial(LossAwareSampler, history=1), None):
+        m = _module(**({"timestep_sampler": sampler} if sampler else {}))
+        m.log = lambda *a, **k: None
+        m._trainer = SimpleNamespace(global_step=3, global_rank=0, world_size=1, log_every_n_steps=10)
+        x = torch.randn(4, 1, 8, 8)
+        for _ in range(2):  # the second step samples from a warmed-up loss-aware history
+            calls.clear()
+            m.training_step((x, torch.zeros(4, dtype=torch.long)), 0)
+            assert calls == [], calls
