@@ -107,7 +107,8 @@ class LossAwareSampler(UniformSampler):
         h = self.history
         ts, order = torch.sort(t, stable=True)
         rank = torch.arange(ts.numel(), device=ts.device) - torch.searchsorted(ts, ts)  # position within its timestep
-        k = torch.bincount(ts, minlength=self.num_timesteps)
+        # losses per timestep in this batch (index_add_, not bincount: on CUDA bincount reads max(t) back to the host)
+        k = torch.zeros_like(self.loss_counts).index_add_(0, ts, torch.ones_like(ts))
         slot = (self.next_slot[ts] + rank) % h
         slot = torch.where(rank >= k[ts] - h, slot, h)  # older than the last h of this batch: the spare column
         self._buf.index_put_((ts, slot), losses[order])

@@ -76,7 +76,8 @@ class DiffusionModule(pl.LightningModule):
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.num_classes = int(getattr(model, "num_classes", 0))
         self.timestep_sampler = timestep_sampler(diffusion.num_timesteps)
-        self.val_mse = MeanMetric()  # synced across ranks by Lightning at epoch end
+        # synced across ranks at epoch end; no NaN check per batch (it would read the batch back to the host)
+        self.val_mse = MeanMetric(nan_strategy="disable")
         self._generator: Optional[torch.Generator] = None
         self._first_nonfinite: Optional[torch.Tensor] = None  # device: first global step with a non-finite loss, or -1
         self._skipped: Any = 0  # device tensor once counting: optimizer steps the fp16 grad scaler skipped
@@ -136,7 +137,7 @@ class DiffusionModule(pl.LightningModule):
         # loss per quarter of the timestep range, without a host-side mask (NaN for an empty quarter)
         q = (t * 4) // self.diffusion.num_timesteps
         per_q = torch.zeros(4, device=t.device).index_add_(0, q, terms["loss"].detach().float())
-        per_q = per_q / torch.bincount(q, minlength=4)
+        per_q = per_q / torch.zeros(4, device=t.device).index_add_(0, q, torch.ones_like(per_q[q]))
         for i in range(4):
             self.log(f"train/loss_q{i}", per_q[i], **log)
 
