@@ -51,7 +51,8 @@ class LossAwareSampler(UniformSampler):
 
     Weights ``1 / (T p_t)`` make the weighted loss an unbiased estimate of the uniform-``t`` loss.
     Losses are all-gathered across ranks so every rank holds the same history. The history lives on
-    the device of the losses it records; updates are vectorised (no per-sample host loop).
+    the device of the losses it records, as a ring buffer per timestep; updates are vectorised (no
+    per-sample host loop). :attr:`loss_history` and the state dict list each row oldest first.
     """
 
     def __init__(self, num_timesteps: int, history: int = 10, uniform_prob: float = 0.001):
@@ -69,8 +70,16 @@ class LossAwareSampler(UniformSampler):
 
     @property
     def loss_history(self) -> torch.Tensor:
-        """``(T, history)`` recorded losses (ring-buffer order)."""
-        return self._buf[:, : self.history]
+        """``(T, history)`` recorded losses per timestep, oldest first (unfilled slots are 0, at the end)."""
+        j = torch.arange(self.history, device=self._buf.device)
+        full = (self.loss_counts == self.history)[:, None]
+        return self._buf.gather(1, torch.where(full, (self.next_slot[:, None] + j) % self.history, j))
+
+    @loss_history.setter
+    def loss_history(self, value: torch.Tensor) -> None:
+        self._buf = torch.zeros_like(self._buf)
+        self._buf[:, : self.history] = value.to(self._buf.device, torch.float64)
+        self.next_slot = torch.zeros_like(self.next_slot)  # oldest first: the next write replaces column 0
 
     def _to(self, device) -> None:
         if device is not None and self._buf.device != torch.device(device):
@@ -82,7 +91,7 @@ class LossAwareSampler(UniformSampler):
 
     def weights(self) -> torch.Tensor:
         uniform = torch.full_like(self.loss_counts, 1.0, dtype=torch.float64) / self.num_timesteps
-        w = (self.loss_history**2).mean(dim=-1).sqrt()
+        w = (self._buf[:, : self.history] ** 2).mean(dim=-1).sqrt()  # the order within a row does not matter
         w = w / w.sum().clamp_min(torch.finfo(torch.float64).tiny)
         w = w * (1 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
         return torch.where(self.warmed_up(), w, uniform)
@@ -109,15 +118,15 @@ class LossAwareSampler(UniformSampler):
         rank = torch.arange(ts.numel(), device=ts.device) - torch.searchsorted(ts, ts)  # position within its timestep
         # losses per timestep in this batch (index_add_, not bincount: on CUDA bincount reads max(t) back to the host)
         k = torch.zeros_like(self.loss_counts).index_add_(0, ts, torch.ones_like(ts))
-        slot = (self.next_slot[ts] + rank) % h
+        start = torch.where(self.loss_counts < h, self.loss_counts, self.next_slot)  # a full row: its oldest slot
+        slot = (start[ts] + rank) % h
         slot = torch.where(rank >= k[ts] - h, slot, h)  # older than the last h of this batch: the spare column
         self._buf.index_put_((ts, slot), losses[order])
         self.loss_counts = (self.loss_counts + k).clamp_(max=h)
-        self.next_slot = (self.next_slot + k) % h
+        self.next_slot = (start + k) % h
 
     def state_dict(self) -> dict:
-        return {"loss_history": self.loss_history.cpu().clone(), "loss_counts": self.loss_counts.cpu().clone(),
-                "next_slot": self.next_slot.cpu().clone()}
+        return {"loss_history": self.loss_history.cpu().clone(), "loss_counts": self.loss_counts.cpu().clone()}
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
@@ -128,9 +137,5 @@ class LossAwareSampler(UniformSampler):
                 f"{tuple(self.loss_history.shape)}: the checkpoint was trained with another "
                 "scheduler.num_timesteps or module.timestep_sampler.history"
             )
-        dev = self._buf.device
-        self._buf = torch.zeros_like(self._buf)
-        self._buf[:, : self.history] = state["loss_history"].to(dev, torch.float64)
-        self.loss_counts = state["loss_counts"].to(dev, torch.long).clone()
-        # checkpoints from before the ring buffer kept the oldest loss in column 0
-        self.next_slot = state.get("next_slot", self.loss_counts % self.history).to(dev, torch.long).clone()
+        self.loss_history = state["loss_history"]  # oldest first
+        self.loss_counts = state["loss_counts"].to(self._buf.device, torch.long).clone()
