@@ -200,8 +200,16 @@ class DiffusionModule(pl.LightningModule):
             self.check_finite()
 
     def check_finite(self) -> None:
-        """Raise :class:`NonFiniteLossError` if any step so far had a non-finite loss."""
-        if self._first_nonfinite is not None and (step := int(self._first_nonfinite)) >= 0:
+        """Raise :class:`NonFiniteLossError` on every rank if any rank had a non-finite loss so far (called
+        on all ranks at the same points, so the reduction under DDP is a matched collective)."""
+        if self._first_nonfinite is None:
+            return
+        first = self._first_nonfinite
+        if getattr(self.trainer, "world_size", 1) > 1:  # the earliest bad step of any rank
+            never = torch.iinfo(torch.long).max
+            first = self.trainer.strategy.reduce(torch.where(first < 0, never, first), reduce_op="min")
+            first = torch.where(first == never, -1, first)
+        if (step := int(first)) >= 0:
             raise NonFiniteLossError(self._nonfinite_message(step))
 
     def _nonfinite_message(self, step: int) -> str:
