@@ -219,7 +219,7 @@ def test_ddp_gloo_matches_single_process_and_resumes(tmp_path):
     there is one output folder for the run, not one per rank."""
     common = [*TINY, "data.limit=256", "data.val_limit=64", "trainer.limit_val_batches=1.0", "trainer.max_epochs=3",
               "callbacks.sample_grid=null", "callbacks.checkpoint.every_n_steps=4", "logger=csv", "torch_threads=1"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")]), "OMP_NUM_THREADS": "1"}  # this checkout
 
     def run(out, *extra):
         cmd = [sys.executable, "-m", "ddlab.train", *common, f"hydra.run.dir={out}", *extra]
