@@ -9,6 +9,7 @@ import os
 import platform
 import socket
 import statistics
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -181,3 +182,24 @@ def compose(overrides: Sequence[str] = ()):
     with open_dict(cfg):
         cfg.paths.output_dir = str(ROOT / "logs" / "bench")
     return cfg
+
+
+def progress(msg: str) -> None:
+    """One progress line on stderr (stdout carries the tables)."""
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def cell(v) -> str:
+    """A table cell: floats to 4 significant digits, statistics dicts as median [min-max]."""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict) and "median" in v:
+        return fmt(v, 2)
+    return str(v)
+
+
+def table(caption: str, header: Sequence[str], rows: Iterable[Sequence]) -> list[str]:
+    """Markdown lines: the caption, a blank line, the table, a blank line (the writer every section uses)."""
+    lines = [caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
+    return lines + [""]

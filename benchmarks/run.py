@@ -23,32 +23,28 @@ Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the growth of t
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as _dt
 import json
-import logging
 import math
+import logging
 import os
-import subprocess
-import sys
-import tempfile
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from benchmarks.common import ROOT, compose, data_names, fmt, machine_info, now, peak_rss_mb, preset_names, reset_peak_rss, rss_mb, stats
+from benchmarks import data as data_section
+from benchmarks import sampling as sampling_section
+from benchmarks import scaling as scaling_section
+from benchmarks import train as train_section
+from benchmarks.common import ROOT, cell, machine_info, preset_names, progress, table
+from benchmarks.data import bench_data
+from benchmarks.sampling import bench_sampling, diffusers_loop  # noqa: F401  (re-exported for other scripts)
+from benchmarks.scaling import bench_scaling
+from benchmarks.train import DEFAULT_MODEL, Case, bench_train, memory_case, run_bare, run_lightning, throughput  # noqa: F401
 
 SCHEMA = "ddlab-bench/1"
-DEFAULT_MODEL = "unet_res_mnist"
-SHARED_DATA = ROOT.parent / "shared" / "data"
-# Offline stand-ins on the project machines (see each data config's header), used only when the configured path fails.
-OFFLINE_DATA = {
-    "butterflies": [f"data.path={SHARED_DATA / 'butterflies_leeds'}", "data.source=folder"],
-    "imagenet64": [f"data.path={SHARED_DATA / 'imagenet64_standin'}", "data.num_classes=200"],
-}
+_progress = progress
 
 
 # ====================================================================== settings
@@ -84,467 +80,6 @@ def settings_for(args) -> dict:
     return s
 
 
-# ====================================================================== training: one case
-class Case:
-    """A model preset at one image size and batch, composed with Hydra from the real configs.
-
-    Images are RGB (``data.channels=3``) with 10 classes, drawn at random in memory: the training
-    step's cost does not depend on pixel values.
-    """
-
-    def __init__(self, preset: Optional[str], image_size: int, batch: int, device: torch.device, base_channels: Optional[int] = None,
-                 channels: int = 3, num_classes: int = 10, extra: tuple = ()):
-        self.preset, self.image_size, self.batch, self.device = preset, image_size, batch, device
-        self.overrides = [f"data.image_size={image_size}", f"data.channels={channels}", f"data.num_classes={num_classes}"]
-        if preset is not None:  # None: train.yaml's default model
-            self.overrides.insert(0, f"model={preset}")
-        if device.type == "cuda":
-            self.overrides.append("trainer=gpu")
-        self.overrides += list(extra)
-        if base_channels:
-            self.overrides.append(f"model.base_channels={base_channels}")
-            # attention heads must divide the reduced widths: one head of base_channels channels
-            if compose(self.overrides).model.get("head_channels"):
-                self.overrides.append(f"model.head_channels={base_channels}")
-        self.cfg = compose(self.overrides)
-        from hydra.utils import instantiate
-
-        torch.manual_seed(0)
-        self.init_state = instantiate(self.cfg.model).state_dict()
-        self.params = sum(v.numel() for k, v in self.init_state.items() if not k.endswith(("running_mean", "running_var")))
-        self.precision = str(self.cfg.trainer.get("precision", "32-true"))
-        self.clip = self.cfg.trainer.get("gradient_clip_val")
-        self.clip_algo = self.cfg.trainer.get("gradient_clip_algorithm", "norm") or "norm"
-        self.log_every = int(self.cfg.trainer.get("log_every_n_steps", 50))
-        ema = (self.cfg.get("callbacks") or {}).get("ema")
-        self.ema_cfg = ema if ema is not None and "_target_" in ema else None
-        self.channels = channels
-        self.num_classes = num_classes
-
-    def model(self):
-        from hydra.utils import instantiate
-
-        m = instantiate(self.cfg.model)
-        m.load_state_dict(self.init_state)
-        return m
-
-    def loader(self, n_batches: int):
-        from torch.utils.data import DataLoader
-
-        from ddlab.data import TensorImageDataset
-
-        g = torch.Generator().manual_seed(1)
-        n = n_batches * self.batch
-        x = torch.rand(n, self.channels, self.image_size, self.image_size, generator=g) * 2 - 1
-        y = torch.randint(0, max(1, self.num_classes), (n,), generator=g)
-        return DataLoader(TensorImageDataset(x, y), batch_size=self.batch, shuffle=True, num_workers=0, drop_last=True)
-
-    def autocast(self):
-        if "bf16" in self.precision:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        if "16-mixed" in self.precision:
-            return torch.autocast(self.device.type, dtype=torch.float16)
-        return nullcontext()
-
-
-def run_lightning(case: Case, warmup: int, steps: int, mem: Optional[dict] = None) -> list[float]:
-    """Fit ``DiffusionModule`` for ``warmup + steps`` optimizer steps with a real Trainer (logging,
-    checkpointing, progress bar and model summary off). Returns the end time of every batch
-    (device synchronised), taken by the last callback, after the EMA update."""
-    import lightning.pytorch as pl
-    from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import Callback
-
-    dev = case.device
-    ends: list[float] = []
-
-    class StepTimer(Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            ends.append(now(dev))
-
-    diffusion = instantiate(case.cfg.scheduler)
-    module = instantiate(case.cfg.module, _partial_=True)(model=case.model(), diffusion=diffusion, sampler=None)
-    callbacks = ([instantiate(case.ema_cfg)] if case.ema_cfg is not None else []) + [StepTimer()]
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = pl.Trainer(
-            accelerator="gpu" if dev.type == "cuda" else "cpu", devices=1, precision=case.precision,
-            max_steps=warmup + steps, max_epochs=-1, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-            gradient_clip_val=case.clip, gradient_clip_algorithm=case.clip_algo, log_every_n_steps=case.log_every,
-            callbacks=callbacks, default_root_dir=tmp,
-        )
-        if mem is not None:
-            module.to(dev)
-            mem["peak_reset"] = reset_peak_rss()  # import and start-up peaks are not the training's memory
-            mem["baseline_rss_mb"] = rss_mb()
-        trainer.fit(module, train_dataloaders=case.loader(warmup + steps))
-    return ends
-
-
-def run_bare(case: Case, warmup: int, steps: int, mem: Optional[dict] = None, compile_model: bool = False,
-             channels_last: bool = False) -> list[float]:
-    """The same work as :func:`run_lightning` in a hand-written loop. Returns per-batch end times."""
-    from hydra.utils import instantiate
-
-    from ddlab.diffusion import make_timestep_sampler
-    from ddlab.training.module import lr_lambda
-
-    dev = case.device
-    hp = case.cfg.module
-    diffusion = instantiate(case.cfg.scheduler)
-    model = case.model().to(dev).train()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ema_model = copy.deepcopy(model).requires_grad_(False)
-    ema = instantiate(case.ema_cfg) if case.ema_cfg is not None else None
-    net = torch.compile(model) if compile_model else model
-    opt = torch.optim.AdamW(model.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay, eps=hp.eps)
-    total = hp.total_steps or (warmup + steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(hp.warmup_steps, hp.lr_schedule, total, hp.min_lr_ratio))
-    ts = make_timestep_sampler(hp.timestep_sampler, diffusion.num_timesteps)
-    num_classes = int(getattr(model, "num_classes", 0))
-    params = list(model.parameters())
-    if mem is not None:
-        mem["peak_reset"] = reset_peak_rss()
-        mem["baseline_rss_mb"] = rss_mb()
-    ends: list[float] = []
-    step = 0
-    for x, y in case.loader(warmup + steps):
-        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if num_classes == 0:
-            y = None
-        elif hp.p_uncond > 0:
-            drop = torch.rand(y.shape[0], device=dev) < hp.p_uncond
-            y = torch.where(drop, torch.full_like(y, num_classes), y)
-        t, w = ts.sample(x.shape[0], device=dev)
-        with case.autocast():
-            terms = diffusion.training_losses(net, x, t, y)
-            loss = (terms["loss"] * w).mean()
-        ts.update(t, terms["loss"].detach())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if case.clip:
-            if case.clip_algo == "value":
-                torch.nn.utils.clip_grad_value_(params, case.clip)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, case.clip)
-        opt.step()
-        sched.step()
-        step += 1
-        if ema is not None and step % ema.update_every == 0:
-            d = ema.decay_at(step)
-            with torch.no_grad():
-                torch._foreach_lerp_(list(ema_model.parameters()), [p.detach() for p in model.parameters()], 1.0 - d)
-                for eb, sb in zip(ema_model.buffers(), model.buffers()):
-                    eb.copy_(sb)
-        ends.append(now(dev))
-    return ends
-
-
-def throughput(ends: list[float], warmup: int, batch: int) -> tuple[float, list[float]]:
-    """(images/s over the timed steps, per-step seconds) from batch end times."""
-    timed = ends[warmup - 1:] if warmup > 0 else ends
-    if len(timed) < 2:
-        raise RuntimeError(f"too few steps were timed ({len(ends)} batches, warm-up {warmup})")
-    per_step = [b - a for a, b in zip(timed, timed[1:])]
-    return batch * len(per_step) / (timed[-1] - timed[0]), per_step
-
-
-def memory_case(spec: dict) -> dict:
-    """Run in a fresh subprocess: one case, ``warmup=1, steps=2``; report RSS growth."""
-    dev = torch.device(spec["device"])
-    case = Case(spec["preset"], spec["image_size"], spec["batch"], dev, spec.get("base_channels"))
-    mem: dict = {}
-    (run_lightning if spec["mode"] == "ddlab" else run_bare)(case, 1, 2, mem=mem)
-    peak = peak_rss_mb()
-    return {"peak_rss_mb": peak, "baseline_rss_mb": mem["baseline_rss_mb"], "growth_mb": peak - mem["baseline_rss_mb"],
-            "peak_reset": mem.get("peak_reset", False)}
-
-
-def cpu_memory(spec: dict) -> Optional[dict]:
-    cmd = [sys.executable, "-m", "benchmarks.run", "--memcase", json.dumps(spec), "--threads", str(torch.get_num_threads())]
-    try:
-        out = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        return None
-    for line in reversed(out.stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    logging.getLogger("bench").warning("memory subprocess failed: %s", out.stderr[-2000:])
-    return None
-
-
-def bench_train(s: dict, dev: torch.device, memory: bool, notes: list) -> list[dict]:
-    rows = []
-    for preset in s["presets"]:
-        for size in s["sizes"]:
-            label = f"{preset} @ {size}px"
-            try:
-                case = Case(preset, size, s["train_batch"], dev, s["base_channels"])
-            except Exception as e:  # noqa: BLE001  (a preset that cannot take these sizes is reported, not fatal)
-                notes.append(f"train {label}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-                continue
-            _progress(f"train {label} ({case.params:,} params)")
-            ddlab_ips, bare_ips, ratios, ddlab_step, bare_step = [], [], [], [], []
-            mem = {"ddlab": {}, "bare": {}}
-            try:
-                for r in range(s["repeats"]):
-                    order = ("ddlab", "bare") if r % 2 == 0 else ("bare", "ddlab")
-                    got = {}
-                    for mode in order:
-                        m = mem[mode] if r == 0 else None
-                        fn = run_lightning if mode == "ddlab" else run_bare
-                        if dev.type == "cuda" and m is not None:
-                            torch.cuda.synchronize()
-                            torch.cuda.reset_peak_memory_stats()
-                        got[mode] = throughput(fn(case, s["warmup"], s["steps"], mem=m), s["warmup"], case.batch)
-                        if dev.type == "cuda" and m is not None:
-                            m["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-                    ddlab_ips.append(got["ddlab"][0])
-                    bare_ips.append(got["bare"][0])
-                    ddlab_step += got["ddlab"][1]
-                    bare_step += got["bare"][1]
-                    ratios.append(got["ddlab"][0] / got["bare"][0])
-            except Exception as e:  # noqa: BLE001  (reported in the notes, not fatal)
-                notes.append(f"train {label}: failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-                continue
-            peak = {}
-            for mode in ("ddlab", "bare"):
-                if dev.type == "cuda":
-                    peak[mode] = mem[mode].get("peak_mb")
-                elif memory:
-                    spec = dict(preset=preset, image_size=size, batch=case.batch, device="cpu", base_channels=s["base_channels"], mode=mode)
-                    res = cpu_memory(spec)
-                    peak[mode] = res["growth_mb"] if res else None
-                else:
-                    peak[mode] = None
-            rows.append({
-                "preset": preset, "image_size": size, "batch_size": case.batch, "channels": case.channels,
-                "overrides": case.overrides, "params": case.params, "precision": case.precision,
-                "gradient_clip_val": case.clip, "ema": case.ema_cfg is not None,
-                "ddlab_images_per_s": stats(ddlab_ips), "bare_images_per_s": stats(bare_ips),
-                "ddlab_step_ms": stats([1000 * v for v in ddlab_step]), "bare_step_ms": stats([1000 * v for v in bare_step]),
-                "ratio": stats(ratios),
-                "ddlab_peak_memory_mb": peak["ddlab"], "bare_peak_memory_mb": peak["bare"],
-            })
-    return rows
-
-
-# ====================================================================== sampling
-def diffusers_loop(model, diffusion_cfg, kind: str, steps: int, shape, y, guidance_scale: float, generator, device):
-    """Sample with diffusers' scheduler and the same network, guidance batched into one forward."""
-    from diffusers import DDIMScheduler, DDPMScheduler
-
-    sched_kw = dict(num_train_timesteps=int(diffusion_cfg.num_timesteps), clip_sample=True, prediction_type="epsilon",
-                    timestep_spacing="trailing")
-    if diffusion_cfg.schedule == "cosine":
-        sched_kw["beta_schedule"] = "squaredcos_cap_v2"
-    else:
-        sched_kw.update(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
-    if kind == "ddim":
-        sch = DDIMScheduler(set_alpha_to_one=True, **sched_kw)
-    else:
-        sch = DDPMScheduler(variance_type="fixed_small", **sched_kw)
-    sch.set_timesteps(steps, device=device)
-    num_classes = int(getattr(model, "num_classes", 0))
-    x = torch.randn(*shape, device=device, generator=generator)
-    guided = y is not None and guidance_scale != 1.0
-    null = torch.full_like(y, num_classes) if guided else None
-    for t in sch.timesteps:
-        tb = torch.full((shape[0],), int(t), device=device, dtype=torch.long)
-        if guided:
-            out = model(torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([y, null]))
-            cond, uncond = out.chunk(2)
-            eps = uncond + guidance_scale * (cond - uncond)
-        else:
-            eps = model(x, tb, y)
-        if kind == "ddim":
-            x = sch.step(eps, t, x, eta=0.0).prev_sample
-        else:
-            x = sch.step(eps, t, x, generator=generator).prev_sample
-    return x
-
-
-def bench_sampling(s: dict, dev: torch.device, notes: list) -> list[dict]:
-    from hydra.utils import instantiate
-
-    from ddlab.diffusion import Sampler
-    from ddlab.diffusion import resolve_guidance_batching
-
-    try:
-        import diffusers  # noqa: F401
-    except ImportError:
-        notes.append("sampling: diffusers is not installed (pip install -e '.[bench]'); the comparison was skipped")
-        return []
-    extra = [f"model.base_channels={s['sample_base_channels']}"] if s["sample_base_channels"] else []
-    cfg = compose(extra + ["data.num_classes=10"])
-    torch.manual_seed(0)
-    model = instantiate(cfg.model).to(dev).eval()
-    diffusion = instantiate(cfg.scheduler)
-    b = s["sample_batch"]
-    shape = (b, model.in_channels, model.image_size, model.image_size)
-    y = (torch.arange(b) % max(1, model.num_classes)).to(dev)
-    w = s["guidance_scale"]
-    rows = []
-    for kind, steps in (("ddim", s["ddim_steps"]), ("ddpm", s["ddpm_steps"])):
-        eta = 0.0 if kind == "ddim" else 1.0
-        _progress(f"sampling {kind} {steps} steps, batch {b}")
-
-        def ddlab_fn(n_steps, scale, batching="auto", kind=kind, eta=eta):
-            sampler = Sampler(kind=kind, steps=n_steps, eta=eta, spacing="trailing", clip_x0=True, guidance_scale=scale,
-                              guidance_batching=batching, progress=False)
-            g = torch.Generator(device=dev).manual_seed(0)
-            return sampler.sample(model, diffusion, shape, y=y, generator=g)
-
-        def diff_fn(n_steps, scale, kind=kind):
-            g = torch.Generator(device=dev).manual_seed(0)
-            return diffusers_loop(model, cfg.scheduler, kind, n_steps, shape, y, scale, g, dev)
-
-        # guided: ddlab both ways (one forward of 2B, two of B); `auto` picks one of them per device
-        impls = {1.0: [("ddlab", ddlab_fn), ("diffusers", diff_fn)],
-                 w: [("ddlab_joint", lambda n, sc: ddlab_fn(n, sc, "joint")), ("ddlab_split", lambda n, sc: ddlab_fn(n, sc, "split")),
-                     ("diffusers", diff_fn)]}
-        with torch.inference_mode():
-            for scale in (1.0, w):  # warm-up: a few steps of each, same shapes
-                for _, fn in impls[scale]:
-                    fn(min(2, steps), scale)
-            times = {(impl, scale): [] for scale in (1.0, w) for impl, _ in impls[scale]}
-            for r in range(s["sample_repeats"]):
-                for scale in (1.0, w):
-                    order = impls[scale]
-                    for impl, fn in (order if r % 2 == 0 else order[::-1]):
-                        t0 = now(dev)
-                        fn(steps, scale)
-                        times[(impl, scale)].append(now(dev) - t0)
-        auto = resolve_guidance_batching("auto", dev)
-        times[("ddlab", w)] = times[(f"ddlab_{auto}", w)]
-        base = times[("ddlab", 1.0)]
-        for scale in (1.0, w):
-            dl, df = times[("ddlab", scale)], times[("diffusers", scale)]
-            row = {
-                "kind": kind, "steps": steps, "batch_size": b, "guidance_scale": scale, "model_overrides": extra,
-                "image_shape": list(shape[1:]),
-                "ddlab_images_per_s": stats(b / t for t in dl), "diffusers_images_per_s": stats(b / t for t in df),
-                "ratio": stats(a / c for a, c in zip(df, dl)),  # ddlab images/s over diffusers images/s
-                "guidance_cost": stats(a / c for a, c in zip(dl, base)),  # time with / without guidance
-            }
-            if scale != 1.0:
-                row["guidance_batching"] = auto  # what the default (`auto`) ran; both are timed
-                for mode in ("joint", "split"):
-                    row[f"guidance_cost_{mode}"] = stats(a / c for a, c in zip(times[(f"ddlab_{mode}", scale)], base))
-                row["diffusers_guidance_cost"] = stats(a / c for a, c in zip(df, times[("diffusers", 1.0)]))
-            rows.append(row)
-    return rows
-
-
-# ====================================================================== data loading
-def bench_data(s: dict, dev: torch.device, notes: list) -> list[dict]:
-    from hydra.utils import instantiate
-
-    rows = []
-    for name in data_names():
-        base = [f"data={name}"] + ([f"data.limit={s['data_limit']}"] if s["data_limit"] else [])
-        dm, errors = None, []
-        for extra in (base, base + OFFLINE_DATA.get(name, [])) if name in OFFLINE_DATA else (base,):
-            try:
-                cfg = compose(extra)
-                dm = instantiate(cfg.data)
-                dm.prepare_data()
-                dm.setup("fit")
-                break
-            except Exception as e:  # noqa: BLE001  (reported in the notes, not fatal)
-                dm = None
-                errors.append(f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
-        if dm is None:
-            notes.append(f"data {name}: skipped ({'; then with the offline stand-in: '.join(errors)})")
-            continue
-        if extra != base:
-            notes.append(f"data {name}: the configured path is absent here; measured on the offline stand-in ({' '.join(extra[len(base):])})")
-        _progress(f"data {name}: batch {dm.batch_size}, {dm.num_workers} workers")
-        delivered, first = [], []
-        for _ in range(s["repeats"]):
-            t0 = now(dev)
-            it = iter(dm.train_dataloader())
-            batch = next(it)
-            t1 = now(dev)
-            n = 0
-            for _ in range(s["data_batches"]):
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    break
-                batch[0].to(dev, non_blocking=True)
-                n += batch[0].shape[0]
-            t2 = now(dev)
-            del it
-            first.append(t1 - t0)
-            if n:
-                delivered.append(n / (t2 - t1))
-        # what the ddlab training step consumes at this data set's shape, batch and default model
-        consumed = None
-        try:
-            case = Case(None, int(dm.image_size), dm.batch_size, dev, s["base_channels"], channels=int(dm.channels),
-                        num_classes=int(dm.num_classes), extra=tuple(extra[:1]) + tuple(extra[len(base):]))
-            w, st = max(1, s["warmup"]), max(2, s["steps"])
-            consumed = stats(throughput(run_lightning(case, w, st), w, dm.batch_size)[0] for _ in range(max(1, s["repeats"] - 1)))
-        except Exception as e:  # noqa: BLE001  (reported in the notes, not fatal)
-            notes.append(f"data {name}: training consumption not measured ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-        rows.append({
-            "data": name, "overrides": extra, "batch_size": dm.batch_size, "num_workers": dm.num_workers, "image_shape": [dm.channels, dm.image_size, dm.image_size],
-            "delivered_images_per_s": stats(delivered) if delivered else None, "first_batch_s": stats(first),
-            "train_step_images_per_s": consumed,
-            "data_bound": bool(delivered and consumed and stats(delivered)["median"] < consumed["median"]),
-        })
-    return rows
-
-
-# ====================================================================== scaling
-def bench_scaling(s: dict, dev: torch.device, notes: list) -> list[dict]:
-    rows = []
-
-    def measure(axis, variant, size, batch, extra=(), preset=DEFAULT_MODEL, **kw):
-        try:
-            case = Case(preset, size, batch, dev, s["base_channels"], extra=tuple(extra))
-            per = []
-            for _ in range(s["repeats"]):
-                per += throughput(run_bare(case, s["warmup"], s["steps"], **kw), s["warmup"], batch)[1]
-        except Exception as e:  # noqa: BLE001  (reported in the notes, not fatal)
-            notes.append(f"scaling {axis} {variant} {size}px b{batch}: failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-            return None
-        st = stats(1000 * v for v in per)
-        row = {"axis": axis, "variant": variant, "preset": preset, "image_size": size, "batch_size": batch,
-               "precision": case.precision, "step_ms": st, "ms_per_image": st["median"] / batch}
-        rows.append(row)
-        return row
-
-    _progress("scaling: batch size")
-    for b in s["scale_batches"]:
-        measure("batch", "default", 32 if not s.get("quick") else s["sizes"][0], b)
-    _progress("scaling: image size")
-    for size in s["scale_sizes"]:
-        measure("image_size", "default", size, s["scale_batch"])
-    if dev.type == "cuda":
-        _progress("scaling: GPU variants")
-        size, b = 64, s["scale_batch"]
-        measure("gpu", "fp32", size, b, extra=("trainer.precision=32-true",))
-        measure("gpu", "bf16-mixed", size, b, extra=("trainer.precision=bf16-mixed",))
-        measure("gpu", "channels_last+bf16", size, b, extra=("trainer.precision=bf16-mixed",), channels_last=True)
-        measure("gpu", "torch.compile+bf16", size, b, extra=("trainer.precision=bf16-mixed",), compile_model=True)
-        attn = [p for p in preset_names() if "atn" in p or "adm" in p]
-        if attn:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            for label, backends in (("sdpa-math", [SDPBackend.MATH]),
-                                    ("sdpa-fused", [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])):
-                with sdpa_kernel(backends):
-                    measure("gpu", f"{label} ({attn[0]})", size, b, extra=("trainer.precision=bf16-mixed",), preset=attn[0])
-        else:
-            notes.append("scaling: no attention preset (atn/adm) in configs/model; SDPA variants skipped")
-    return rows
-
-
 # ====================================================================== presets (issue 4's per-preset measurement)
 def bench_presets(s: dict, notes: list):
     try:
@@ -563,70 +98,23 @@ def bench_presets(s: dict, notes: list):
 # ====================================================================== report
 def markdown(result: dict) -> str:
     m, st = result["machine"], result["settings"]
-    mem_note = ("peak `torch.cuda.max_memory_allocated`" if m["device"].startswith("cuda") else
-                "CPU: peak-RSS growth over the RSS before the first step, peak reset there (start-up excluded), fresh subprocess per case (3 steps)")
     lines = [(f"Machine: `{m['host']}`, {m['processor']}, {m['cpu_count']} cores ({m['torch_threads']} torch threads), "
               f"torch {m['torch']}, lightning {m['lightning']}, device {m['device']}. "
               f"Median [min-max] of {st['repeats']} repeats after warm-up."), ""]
     if result["train"]:
-        lines += [(f"**Training** (batch {st['train_batch']}, {st['steps']} timed steps after {st['warmup']} warm-up, RGB, "
-                  f"{'model.base_channels=' + str(st['base_channels']) if st['base_channels'] else 'full presets'}; memory: {mem_note})"), "",
-                  "| preset | px | params | ddlab img/s | bare img/s | ddlab / bare | ddlab MiB | bare MiB |", "|---|---|---|---|---|---|---|---|"]
-        for r in result["train"]:
-            mm = lambda v: "n/a" if v is None else f"{v:.0f}"
-            lines.append(f"| {r['preset']} | {r['image_size']} | {r['params']:,} | {fmt(r['ddlab_images_per_s'])} | {fmt(r['bare_images_per_s'])} "
-                         f"| {fmt(r['ratio'], 3)} | {mm(r['ddlab_peak_memory_mb'])} | {mm(r['bare_peak_memory_mb'])} |")
-        lines.append("")
+        lines += train_section.markdown(result["train"], st, m["device"])
     if result["sampling"]:
-        r0 = result["sampling"][0]
-        lines += [(f"**Sampling** (batch {r0['batch_size']}, image {tuple(r0['image_shape'])}, {' '.join(r0['model_overrides']) or 'default model'}; "
-                  f"{st.get('sample_repeats', st['repeats'])} repeats; "
-                  "ratio = ddlab img/s / diffusers img/s; guidance cost = time with / without guidance; ddlab guided rows use "
-                  "`guidance_batching=auto`, and both of its modes are timed: one forward of twice the batch (joint) or two forwards (split))"), "",
-                  "| sampler | steps | guidance | ddlab img/s | diffusers img/s | ddlab / diffusers | guidance cost (auto) | joint | split | diffusers |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in result["sampling"]:
-            guided = r["guidance_scale"] != 1.0
-            gc = f"{fmt(r['guidance_cost'], 2)} ({r.get('guidance_batching', 'joint')})" if guided else "-"
-            extra_cols = " | ".join(fmt(r[k], 2) if guided and k in r else "-"
-                                    for k in ("guidance_cost_joint", "guidance_cost_split", "diffusers_guidance_cost"))
-            lines.append(f"| {r['kind']} | {r['steps']} | {r['guidance_scale']:g} | {fmt(r['ddlab_images_per_s'], 2)} | "
-                         f"{fmt(r['diffusers_images_per_s'], 2)} | {fmt(r['ratio'], 3)} | {gc} | {extra_cols} |")
-        lines.append("")
+        lines += sampling_section.markdown(result["sampling"], st)
     if result["data"]:
-        lines += ["**Data loading** (delivered by the DataModule's train loader vs consumed by the ddlab training step at the same shape and batch)", "",
-                  "| data | batch | workers | delivered img/s | first batch s | train step img/s | data-bound |", "|---|---|---|---|---|---|---|"]
-        for r in result["data"]:
-            lines.append(f"| {r['data']} | {r['batch_size']} | {r['num_workers']} | {fmt(r['delivered_images_per_s'], 0)} | "
-                         f"{fmt(r['first_batch_s'], 2)} | {fmt(r['train_step_images_per_s'])} | {'yes' if r['data_bound'] else 'no'} |")
-        lines.append("")
+        lines += data_section.markdown(result["data"])
     if result["scaling"]:
-        lines += ["**Scaling** (time per training step, bare loop doing ddlab's work, default model)", "",
-                  "| axis | variant | px | batch | step ms | ms / image |", "|---|---|---|---|---|---|"]
-        for r in result["scaling"]:
-            lines.append(f"| {r['axis']} | {r['variant']} | {r['image_size']} | {r['batch_size']} | {fmt(r['step_ms'])} | {r['ms_per_image']:.2f} |")
-        lines.append("")
+        lines += scaling_section.markdown(result["scaling"])
     if isinstance(result.get("presets"), list) and result["presets"]:
         keys = list(result["presets"][0].keys())
-        lines += ["**Presets** (`benchmarks.presets.run_presets`)", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        for r in result["presets"]:
-            lines.append("| " + " | ".join(_cell(r.get(k)) for k in keys) + " |")
-        lines.append("")
+        lines += table("**Presets** (`benchmarks.presets.run_presets`)", keys, [[cell(r.get(k)) for k in keys] for r in result["presets"]])
     if result["notes"]:
         lines += ["Notes:"] + [f"- {n}" for n in result["notes"]]
     return "\n".join(lines)
-
-
-def _cell(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, dict) and "median" in v:
-        return fmt(v, 2)
-    return str(v)
-
-
-def _progress(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 def _quiet() -> None:
@@ -653,7 +141,7 @@ def _finite(obj) -> bool:
 SECTIONS = ("train", "sampling", "data", "scaling", "presets")
 
 
-def main(argv=None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds per section (smoke run)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when present, else cpu")
@@ -675,6 +163,28 @@ def main(argv=None) -> dict:
     p.add_argument("--no-memory", action="store_true", help="CPU: skip the per-case memory subprocesses")
     p.add_argument("--note", default=None, help="free text stored with the result (e.g. 'machine shared with other jobs')")
     p.add_argument("--memcase", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _run_sections(sections: set, s: dict, dev: torch.device, args, result: dict, save) -> None:
+    """Each section in turn, saving the JSON after each so an interrupted run keeps what it measured."""
+    notes = result["notes"]
+    runs = {"train": lambda: bench_train(s, dev, memory=not args.no_memory, notes=notes),
+            "sampling": lambda: bench_sampling(s, dev, notes), "data": lambda: bench_data(s, dev, notes),
+            "scaling": lambda: bench_scaling(s, dev, notes)}
+    for name, run in runs.items():
+        if name in sections:
+            result[name] = run()
+            save()
+    if "presets" in sections:
+        if args.quick:
+            notes.append("presets: run_presets is not called under --quick")
+        else:
+            result["presets"] = bench_presets(s, notes)
+
+
+def main(argv=None) -> dict:
+    p = _parser()
     args = p.parse_args(argv)
 
     _quiet()
@@ -716,23 +226,7 @@ def main(argv=None) -> dict:
         result["wall_s"] = (_dt.datetime.now() - started).total_seconds()
         path.write_text(json.dumps(result, indent=1, default=str))
 
-    if "train" in sections:
-        result["train"] = bench_train(s, dev, memory=not args.no_memory, notes=notes)
-        save()
-    if "sampling" in sections:
-        result["sampling"] = bench_sampling(s, dev, notes)
-        save()
-    if "data" in sections:
-        result["data"] = bench_data(s, dev, notes)
-        save()
-    if "scaling" in sections:
-        result["scaling"] = bench_scaling(s, dev, notes)
-        save()
-    if "presets" in sections:
-        if args.quick:
-            notes.append("presets: run_presets is not called under --quick")
-        else:
-            result["presets"] = bench_presets(s, notes)
+    _run_sections(sections, s, dev, args, result, save)
     try:
         result["machine"]["load_average_at_end"] = list(os.getloadavg())
     except OSError:

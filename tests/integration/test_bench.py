@@ -29,7 +29,8 @@ def _check_stat(s: dict, where: str) -> None:
 @pytest.fixture(scope="module")
 def quick_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # this checkout's benchmarks/ and src/ (not an installed ddlab from another checkout)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--threads", "1", "--out", str(out), "--only", "train,sampling,data,scaling",
            "--sample-repeats", "3"]
     proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

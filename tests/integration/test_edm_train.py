@@ -1,6 +1,7 @@
 """Training with ``scheduler=edm``: every ddlab U-Net, the training module's EDM branch, and a few
 steps through ``python -m ddlab.train`` that checkpoint, resume exactly and reload with load_checkpoint."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from ddlab.diffusion import EDM, Sampler
+from ddlab.diffusion import EDM, LossAwareSampler, samplers
 from ddlab.training import DiffusionModule
 from tests.conftest import CONFIG_DIR, ROOT, compose
 
@@ -45,20 +46,20 @@ def test_bits_per_dim_callback_refuses_edm_before_training(tmp_path):
 
 def _module(**kw):
     net = instantiate(compose(EDM_NO_GRIDS + ["model.base_channels=8", "model.channel_mult=[1,2]", "data.image_size=8"]).model)
-    return DiffusionModule(net, EDM(), Sampler(kind="ddim", steps=2, progress=False), **kw)
+    return DiffusionModule(net, EDM(), samplers.ddim(steps=2, progress=False), **kw)
 
 
 def test_module_refuses_loss_aware_and_discrete_samplers():
-    with pytest.raises(ValueError, match="module.timestep_sampler=loss_aware.*scheduler=edm"):
-        _module(timestep_sampler="loss_aware")
-    with pytest.raises(ValueError, match="sampler.kind=ddim steps discrete VP timesteps.*sampler=heun"):
+    with pytest.raises(ValueError, match="timestep_sampler=loss_aware.*scheduler=edm"):
+        _module(timestep_sampler=functools.partial(LossAwareSampler, history=2))
+    with pytest.raises(ValueError, match="sampler 'ddim' steps through the timesteps of a discrete VP process.*sampler=heun"):
         _module().sample(2)
 
 
 TINY = [
     "model.base_channels=8", "model.channel_mult=[1,2]", "data.limit=32", "data.val_limit=8", "data.batch_size=8",
     "trainer.max_time=null", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "callbacks.progress_bar=null",
-    "module.warmup_steps=2", "logger=csv", "torch_threads=2", "callbacks.checkpoint.every_n_steps=2",
+    "module.lr_scheduler.warmup_steps=2", "logger=csv", "torch_threads=2", "callbacks.checkpoint.every_n_steps=2",
     "callbacks.checkpoint.keep=-1", "scheduler.sigma_data=0.6",
 ]
 

@@ -47,11 +47,11 @@ def test_the_promised_recipes_exist():
 
 def test_recipes_keep_their_settings(tmp_path):
     c = compose(["experiment=butterflies_ddim"], output_dir=tmp_path)
-    assert (c.data.image_size, c.module.lr, c.module.warmup_steps, c.sampler._target_) == (128, 1e-4, 500, "ddlab.diffusion.samplers.ddim")
+    assert (c.data.image_size, c.module.optimizer.lr, c.module.lr_scheduler.warmup_steps, c.sampler._target_) == (128, 1e-4, 500, "ddlab.diffusion.samplers.ddim")
     assert c.callbacks.ema is not None and c.data.num_classes == 0 and c.name == "butterflies_ddim"
     c = compose(["experiment=imagenet64_iddpm"], output_dir=tmp_path)
     assert (c.scheduler.schedule, c.scheduler.variance, c.scheduler.loss) == ("cosine", "learned_range", "hybrid")
-    assert c.module.timestep_sampler == "loss_aware" and c.model.out_channels == 6  # 2C for learned sigmas
+    assert c.module.timestep_sampler._target_.endswith("LossAwareSampler") and c.model.out_channels == 6  # 2C for learned sigmas
     c = compose(["experiment=mnist_cfg"], output_dir=tmp_path)
     assert c.data.num_classes == 10 and c.module.p_uncond > 0 and c.sampler.guidance_scale > 1
     # the measured winner of experiments/mnist_quality

@@ -11,9 +11,10 @@ import pytest
 
 from ddlab.data import MNISTDataModule
 from ddlab.fid import evaluate
-from ddlab.metrics import Evaluator, dataset_images_uint8, load_stats, write_random_weights
+from ddlab.metrics import Evaluator, dataset_images_uint8, load_stats
 from ddlab.train import train
 from tests.conftest import ROOT, compose
+from tests.inception_weights import write_random_weights
 
 
 @pytest.fixture(scope="session")

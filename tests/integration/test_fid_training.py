@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddlab.metrics import write_random_weights
+from tests.inception_weights import write_random_weights
 from ddlab.train import train
 from tests.conftest import ROOT, compose
 
@@ -29,7 +29,7 @@ TINY = [
     "trainer.limit_val_batches=1",
     "callbacks.sample_grid.every_n_steps=0",
     "callbacks.sample_grid.at_end=false",
-    "module.warmup_steps=2",
+    "module.lr_scheduler.warmup_steps=2",
     "eval.every_n_epochs=1",
     "eval.num_samples=10",
     "eval.steps=2",

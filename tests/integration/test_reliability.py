@@ -29,11 +29,11 @@ def weights(path):
 @pytest.mark.slow
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     full = tmp_path / "full"
-    train(compose(QUIET + ["trainer.max_epochs=4", "module.timestep_sampler=loss_aware"], output_dir=full))
+    train(compose(QUIET + ["trainer.max_epochs=4", "timestep_sampler=loss_aware"], output_dir=full))
     part = tmp_path / "part"
-    train(compose(QUIET + ["trainer.max_epochs=2", "module.timestep_sampler=loss_aware"], output_dir=part))
+    train(compose(QUIET + ["trainer.max_epochs=2", "timestep_sampler=loss_aware"], output_dir=part))
     resumed = tmp_path / "resumed"
-    train(compose(QUIET + ["trainer.max_epochs=4", "module.timestep_sampler=loss_aware", f"ckpt_path={part / 'checkpoints' / 'last.ckpt'}"], output_dir=resumed))
+    train(compose(QUIET + ["trainer.max_epochs=4", "timestep_sampler=loss_aware", f"ckpt_path={part / 'checkpoints' / 'last.ckpt'}"], output_dir=resumed))
     a, wa = weights(full / "checkpoints" / "last.ckpt")
     b, wb = weights(resumed / "checkpoints" / "last.ckpt")
     assert a["global_step"] == b["global_step"] == 16
@@ -160,7 +160,7 @@ def test_checkpoint_from_another_model_config(tmp_path):
 @pytest.mark.parametrize(
     "override,match",
     [
-        ("module.lr=-1", "module.lr must be positive"),
+        ("module.optimizer.lr=-1", "module.optimizer.lr must be positive"),
         ("data.batch_size=0", "data.batch_size must be a positive integer"),
         ("sampler.steps=0", "sampler.steps must be an integer"),
         ("sampler.eta=1.5", r"sampler.eta must lie in \[0, 1\]"),
@@ -219,7 +219,7 @@ def test_ddp_gloo_matches_single_process_and_resumes(tmp_path):
     there is one output folder for the run, not one per rank."""
     common = [*TINY, "data.limit=256", "data.val_limit=64", "trainer.limit_val_batches=1.0", "trainer.max_epochs=3",
               "callbacks.sample_grid=null", "callbacks.checkpoint.every_n_steps=4", "logger=csv", "torch_threads=1"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")]), "OMP_NUM_THREADS": "1"}  # this checkout
 
     def run(out, *extra):
         cmd = [sys.executable, "-m", "ddlab.train", *common, f"hydra.run.dir={out}", *extra]

@@ -15,7 +15,7 @@ TINY = [
     "model.base_channels=8", "model.channel_mult=[1,2]", "scheduler.num_timesteps=50", "sampler.steps=2",
     "sampler.progress=false", "data.limit=32", "data.val_limit=8", "data.batch_size=16", "trainer.max_time=null",
     "trainer.max_steps=2", "trainer.limit_val_batches=1", "callbacks.progress_bar=null", "callbacks.sample_grid.n=2",
-    "callbacks.sample_grid.every_n_steps=0", "callbacks.checkpoint.every_n_steps=0", "module.warmup_steps=1",
+    "callbacks.sample_grid.every_n_steps=0", "callbacks.checkpoint.every_n_steps=0", "module.lr_scheduler.warmup_steps=1",
     "torch_threads=1",
 ]
 
@@ -68,11 +68,11 @@ def test_optuna_two_trials_returns_the_best_metric(tmp_path):
                  f"hydra.sweep.dir={sweep}"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     values = [json.loads((sweep / j / "metrics.json").read_text())["train/loss"] for j in ("0", "1")]
-    lrs = [yaml.safe_load((sweep / j / ".hydra" / "config.yaml").read_text())["module"]["lr"] for j in ("0", "1")]
+    lrs = [yaml.safe_load((sweep / j / ".hydra" / "config.yaml").read_text())["module"]["optimizer"]["lr"] for j in ("0", "1")]
     assert all(1e-4 <= lr <= 3e-3 for lr in lrs) and lrs[0] != lrs[1]  # drawn from the search space
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_value"] == min(values)
-    assert abs(best["best_params"]["module.lr"] - lrs[values.index(min(values))]) < 1e-12
+    assert abs(best["best_params"]["module.optimizer.lr"] - lrs[values.index(min(values))]) < 1e-12
     assert len(list(csv.DictReader((sweep / "summary.csv").open()))) == 2
 
 

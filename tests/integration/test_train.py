@@ -21,7 +21,7 @@ TINY = [
     "trainer.limit_val_batches=1",
     "callbacks.sample_grid.n=10",
     "callbacks.sample_grid.every_n_steps=0",
-    "module.warmup_steps=2",
+    "module.lr_scheduler.warmup_steps=2",
 ]
 
 

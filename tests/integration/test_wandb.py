@@ -15,7 +15,7 @@ TINY = [
     "model.base_channels=8", "model.channel_mult=[1,2]", "scheduler.num_timesteps=50", "sampler.steps=2",
     "sampler.progress=false", "data.limit=32", "data.val_limit=8", "data.batch_size=16", "trainer.max_time=null",
     "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "callbacks.progress_bar=null",
-    "callbacks.sample_grid.n=4", "module.warmup_steps=1", "logger=wandb", "name=wb_test", "tags=[t1,t2]",
+    "callbacks.sample_grid.n=4", "module.lr_scheduler.warmup_steps=1", "logger=wandb", "name=wb_test", "tags=[t1,t2]",
 ]
 
 

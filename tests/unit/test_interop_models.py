@@ -122,7 +122,7 @@ def test_butterflies_tutorial_recipe_and_one_step(tmp_path):
     assert list(c.model.block_out_channels) == [128, 128, 256, 256, 512, 512] and c.model.layers_per_block == 2
     assert c.model.down_block_types[4] == "AttnDownBlock2D" and c.model.up_block_types[1] == "AttnUpBlock2D"
     assert [b for b in c.model.down_block_types + c.model.up_block_types if b.startswith("Attn")] == ["AttnDownBlock2D", "AttnUpBlock2D"]
-    assert (c.module.lr, c.module.warmup_steps, c.module.lr_schedule) == (1e-4, 500, "cosine")
+    assert (c.module.optimizer.lr, c.module.lr_scheduler.warmup_steps, c.module.lr_scheduler.decay) == (1e-4, 500, "cosine")
     assert (c.scheduler.schedule, c.scheduler.num_timesteps, c.sampler._target_) == ("linear", 1000, "ddlab.diffusion.samplers.ddpm")
     assert c.callbacks.ema is not None and c.data.num_classes == 0
     # ddlab's parts swap in unchanged: nothing model- or schedule-specific is pinned by the recipe
@@ -131,7 +131,7 @@ def test_butterflies_tutorial_recipe_and_one_step(tmp_path):
     from hydra.utils import instantiate
 
     assert type(instantiate(swapped.model)).__name__ == "UNet" and swapped.scheduler.schedule == "cosine"
-    assert swapped.module.lr == 1e-4 and swapped.sampler._target_ == "ddlab.diffusion.samplers.dpmpp_2m"
+    assert swapped.module.optimizer.lr == 1e-4 and swapped.sampler._target_ == "ddlab.diffusion.samplers.dpmpp_2m"
     from ddlab.train import train
 
     tiny = ["trainer=cpu", "trainer.precision=32-true", "trainer.max_epochs=null", "trainer.max_steps=1", "data.image_size=16",

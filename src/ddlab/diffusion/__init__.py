@@ -10,7 +10,7 @@ from .samplers import SAMPLERS
 from .sampling import ConfiguredSampler, DiscreteSampler, Sampler, SigmaSampler
 from .schedules import cosine_betas, linear_betas, make_betas
 from .sigmas import VPDenoiser, as_denoiser, karras_sigmas
-from .timestep_sampler import LossAwareSampler, UniformSampler, make_timestep_sampler
+from .timestep_sampler import LossAwareSampler, UniformSampler
 
 __all__ = [
     "ConfiguredSampler",
@@ -31,7 +31,6 @@ __all__ = [
     "karras_sigmas",
     "linear_betas",
     "make_betas",
-    "make_timestep_sampler",
     "normal_kl",
     "resolve_guidance_batching",
     "samplers",

@@ -157,10 +157,10 @@ class EDM:
     def noise_level_bin(self, sigma: torch.Tensor, bins: int = 4) -> torch.Tensor:
         """Index ``0..bins-1`` of the training distribution's quantile bin holding ``sigma`` (0 = least
         noise), for per-noise-level loss logs: ``floor(bins * Phi((ln sigma - P_mean) / P_std))``."""
-        s = torch.as_tensor(sigma)
-        z = (s.detach().cpu().double().log() - self.P_mean) / self.P_std
+        s = torch.as_tensor(sigma).detach().float()  # on its own device: no host read in the training step
+        z = (s.log() - self.P_mean) / self.P_std
         u = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
-        return (u * bins).floor().clamp(0, bins - 1).long().to(s.device)
+        return (u * bins).floor().clamp(0, bins - 1).long()
 
     # ------------------------------------------------------------------ likelihood
     bits_per_dim_error = (

@@ -177,10 +177,6 @@ class GaussianDiffusion:
         """v-target: ``sqrt(ab_t) eps - sqrt(1 - ab_t) x_0``."""
         return self._extract(self.sqrt_alphas_cumprod, t, x0) * noise - self._extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
 
-    def model_out_channels(self, channels: int) -> int:
-        """Channels the network must output for images with ``channels`` channels."""
-        return 2 * channels if self.variance == "learned_range" else channels
-
     def split_output(self, out: torch.Tensor, x_t: torch.Tensor):
         """Split a network output into (prediction, variance values or None)."""
         c = x_t.shape[1]

@@ -2,7 +2,7 @@
 Inception Score, precision/recall."""
 
 from .evaluator import EXTRACTORS, Evaluator, dataset_images_uint8, make_features
-from .inception import InceptionFeatures, resolve_weights, to_uint8_nchw3, write_random_weights
+from .inception import InceptionFeatures, resolve_weights, to_uint8_nchw3
 from .reference import ReferenceStats, features_to_stats, load_stats, reference_key, reference_stats, save_stats
 from .samples import load_sample_labels, load_samples, save_samples_npz
 from .scores import compute_scores, frechet_distance, inception_score, kid, precision_recall
@@ -29,5 +29,4 @@ __all__ = [
     "save_samples_npz",
     "save_stats",
     "to_uint8_nchw3",
-    "write_random_weights",
 ]

@@ -38,7 +38,7 @@ class Unit(nn.Module):
 
 
 class UNet(nn.Module):
-    """Noise-prediction U-Net.
+    """U-Net denoiser ``model(x_t, t, y)``: its output is what ``scheduler.prediction`` names (epsilon, x_0 or v).
 
     Args:
         image_size: input height = width (e.g. 28, 32, 64, 128); must be divisible by

@@ -1,33 +1,53 @@
-"""The Lightning module for the denoising objective."""
+"""The Lightning module for the denoising objective.
+
+A training step is: draw its randomness on the model's device (label drops, timesteps, noise) ->
+losses -> log. Nothing in a step that is not logged reads a device value on the host; see
+"Host-work audit of the training step" in docs/design.md.
+"""
 
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import math
 import os
 import time
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.throughput import Throughput
+from lightning.pytorch.utilities import grad_norm
 from torch import nn
+from torchmetrics import MeanMetric
 
-from ddlab.diffusion import ConfiguredSampler, GaussianDiffusion, make_timestep_sampler, samplers
+from ddlab.diffusion import GaussianDiffusion, UniformSampler, samplers
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite. The message is complete advice for this run (which
+    settings to change, which checkpoint to resume from) and is meant to be shown on its own."""
 
 
 class DiffusionModule(pl.LightningModule):
     """Trains ``model`` to denoise under ``diffusion``; keeps an EMA copy for sampling.
 
+    Every argument is a key of ``module:`` in ``configs/train.yaml``:
+
     Args:
         model: the network ``model(x, t, y)``.
         diffusion: the :class:`GaussianDiffusion` (schedule, parameterisation, loss) or :class:`EDM` (sigma space).
         sampler: the configured sampler (:mod:`ddlab.diffusion.samplers`) for sample grids and evaluation.
-        lr, betas, weight_decay, eps: AdamW settings (``module.*`` in Hydra).
-        warmup_steps: linear LR warm-up from 0 over this many optimizer steps.
-        lr_schedule: after warm-up, ``constant``, ``cosine`` or ``linear`` decay to
-            ``min_lr_ratio * lr`` at ``total_steps`` (defaults to the trainer's max_steps).
+        optimizer: ``optimizer(params) -> torch.optim.Optimizer`` (a ``_partial_`` target, AdamW by default).
+        lr_scheduler: ``lr_scheduler(optimizer) -> LRScheduler`` stepped every optimizer step (a ``_partial_``
+            target, :func:`ddlab.training.lr_schedule.warmup_decay` by default), or ``None`` for a fixed LR.
+            When it has a ``total_steps`` argument left ``None``, the trainer's estimate is filled in
+            (``trainer.max_steps``, or max_epochs x batches per epoch / accumulation).
+        timestep_sampler: ``timestep_sampler(num_timesteps)`` (a ``_partial_`` target of
+            :class:`UniformSampler` or :class:`LossAwareSampler`).
         p_uncond: probability of dropping a label to the null class (classifier-free guidance).
-        timestep_sampler: ``uniform`` or ``loss_aware``.
         run_config: the resolved run configuration, stored in checkpoints to rebuild the model.
     """
 
@@ -35,44 +55,41 @@ class DiffusionModule(pl.LightningModule):
         self,
         model: nn.Module,
         diffusion: GaussianDiffusion,
-        sampler: Optional[ConfiguredSampler] = None,
-        lr: float = 2e-4,
-        betas: tuple = (0.9, 0.999),
-        weight_decay: float = 0.0,
-        eps: float = 1e-8,
-        warmup_steps: int = 0,
-        lr_schedule: str = "constant",
-        total_steps: Optional[int] = None,
-        min_lr_ratio: float = 0.0,
+        sampler: Optional[Sampler] = None,
+        optimizer: Callable[..., torch.optim.Optimizer] = functools.partial(torch.optim.AdamW, lr=2e-4),
+        lr_scheduler: Optional[Callable[..., Any]] = None,
+        timestep_sampler: Callable[[int], UniformSampler] = UniformSampler,
         p_uncond: float = 0.1,
-        timestep_sampler: str = "uniform",
         run_config: Optional[dict] = None,
     ):
         super().__init__()
-        if not lr > 0:
-            raise ValueError(f"module.lr must be positive, got {lr}")
-        if warmup_steps < 0:
-            raise ValueError(f"module.warmup_steps must be >= 0, got {warmup_steps}")
-        if lr_schedule not in ("constant", "cosine", "linear"):
-            raise ValueError(f"module.lr_schedule: unknown schedule {lr_schedule!r}; choose from constant, cosine, linear")
+        lr = (getattr(optimizer, "keywords", None) or {}).get("lr")
+        if lr is not None and not lr > 0:
+            raise ValueError(f"module.optimizer.lr must be positive, got {lr}")
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"module.p_uncond must lie in [0, 1), got {p_uncond}")
-        self.save_hyperparameters(ignore=["model", "diffusion", "sampler"])
+        self.save_hyperparameters(ignore=["model", "diffusion", "sampler", "optimizer", "lr_scheduler", "timestep_sampler"])
         self.model = model
         self.ema_model = copy.deepcopy(model).requires_grad_(False)
         self.diffusion = diffusion
         self.sampler = sampler or samplers.ddim()
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.num_classes = int(getattr(model, "num_classes", 0))
         # EDM (``scheduler=edm``): the formulation draws continuous noise levels itself (log-normal sigma)
         self.sigma_space = hasattr(diffusion, "sample_sigma")
-        if self.sigma_space and timestep_sampler != "uniform":
+        if self.sigma_space and not (timestep_sampler is UniformSampler or getattr(timestep_sampler, "func", None) is UniformSampler):
             raise ValueError(
-                f"module.timestep_sampler={timestep_sampler} importance-samples discrete timesteps; scheduler=edm draws "
-                "sigma from its log-normal (scheduler.P_mean, scheduler.P_std): use module.timestep_sampler=uniform"
+                "timestep_sampler=loss_aware importance-samples discrete timesteps; scheduler=edm draws sigma from its "
+                "log-normal (scheduler.P_mean, scheduler.P_std): use timestep_sampler=uniform"
             )
-        self.timestep_sampler = make_timestep_sampler(timestep_sampler, getattr(diffusion, "num_timesteps", 1))
-        self._t_last: Optional[float] = None
-        self.skipped_steps = 0
+        self.timestep_sampler = timestep_sampler(getattr(diffusion, "num_timesteps", 1))
+        # synced across ranks at epoch end; no NaN check per batch (it would read the batch back to the host)
+        self.val_mse = MeanMetric(nan_strategy="disable")
+        self._generator: Optional[torch.Generator] = None
+        self._first_nonfinite: Optional[torch.Tensor] = None  # device: first global step with a non-finite loss, or -1
+        self._skipped: Any = 0  # device tensor once counting: optimizer steps the fp16 grad scaler skipped
+        self._last_scale: Optional[torch.Tensor] = None
+        self._throughput: Optional[Throughput] = None
 
     # ------------------------------------------------------------------ training
     def forward(self, x, t, y=None):
@@ -83,114 +100,196 @@ class DiffusionModule(pl.LightningModule):
         if self.num_classes == 0:
             return None
         if self.hparams.p_uncond > 0:
-            u = torch.rand(y.shape[0], generator=generator).to(y.device)
+            u = torch.rand(y.shape[0], generator=generator, device=y.device)
             y = torch.where(u < self.hparams.p_uncond, torch.full_like(y, self.num_classes), y)
         return y
 
-    def step_generator(self) -> torch.Generator:
-        """CPU generator seeded by (run seed, global step, rank): the randomness of a step (timesteps,
-        noise, dropped labels) is a pure function of where the step is, so a resumed run draws exactly
-        what an uninterrupted one would."""
+    def step_generator(self, device: torch.device) -> torch.Generator:
+        """Generator on ``device`` seeded by (run seed, global step, rank): the randomness of a step
+        (timesteps, noise, dropped labels) is a pure function of where the step is, so a resumed run draws
+        exactly what an uninterrupted one would. Reseeding a device generator is host-only (no copy)."""
+        if self._generator is None or self._generator.device != torch.device(device):
+            self._generator = torch.Generator(device=device)
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        return torch.Generator().manual_seed((seed * 1_000_003 + self.global_step) * 4099 + self.global_rank)
+        return self._generator.manual_seed((seed * 1_000_003 + self.global_step) * 4099 + self.global_rank)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        g = self.step_generator()
+        # 1. the step's randomness, on the model's device
+        g = self.step_generator(x.device)
         y = self.drop_labels(y, g)
         if self.sigma_space:  # EDM: t holds the noise levels sigma
             t = self.diffusion.sample_sigma(x.shape[0], generator=g, device=x.device)
             weights = torch.ones_like(t)
         else:
-            t, weights = self.timestep_sampler.sample(x.shape[0], generator=g)
-            t, weights = t.to(x.device), weights.to(x.device)
-        noise = torch.randn(x.shape, generator=g, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
+            t, weights = self.timestep_sampler.sample(x.shape[0], device=x.device, generator=g)
+        noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        # 2. losses
         terms = self.diffusion.training_losses(self.model, x, t, y, noise=noise)
         loss = (terms["loss"] * weights).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at global step {self.global_step}: the run was stopped "
-                "and no checkpoint was written over the last good one. Lower module.lr, enable gradient clipping "
-                "(trainer.gradient_clip_val) or use trainer.precision=32, then resume from checkpoints/last.ckpt."
-            )
-        gather = self.all_gather if self.trainer.world_size > 1 else None
-        self.timestep_sampler.update(t, terms["loss"], all_gather=gather)
+        self._watch_nonfinite(loss)
+        if not self.sigma_space:
+            gather = self.all_gather if self.trainer.world_size > 1 else None
+            self.timestep_sampler.update(t, terms["loss"], all_gather=gather)
+        # 3. log (device tensors; Lightning reads them on logged steps only)
         self._log_terms(terms, t, loss, x.shape[0])
         return loss
+
+    def _is_log_step(self) -> bool:
+        return self.global_step % max(1, self.trainer.log_every_n_steps) == 0
 
     def _log_terms(self, terms: dict, t: torch.Tensor, loss: torch.Tensor, batch_size: int) -> None:
         log = dict(on_step=True, on_epoch=False, batch_size=batch_size)
         self.log("train/loss", loss.detach(), prog_bar=True, **log)
+        if not self._is_log_step():
+            return
         self.log("train/mse", terms["mse"].detach().mean(), **log)
         if "vb" in terms:
             self.log("train/vb", terms["vb"].detach().mean(), **log)
-        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
-            q = self.diffusion.noise_level_bin(t, 4) if self.sigma_space else (t * 4) // self.diffusion.num_timesteps
-            for i in range(4):
-                sel = q == i
-                if sel.any():
-                    self.log(f"train/loss_q{i}", terms["loss"].detach()[sel].mean(), **log)
-        now = time.perf_counter()
-        if self._t_last is not None:
-            dt = now - self._t_last
-            if dt > 0:
-                self.log("train/images_per_sec", batch_size * self.trainer.world_size / dt, **log)
-        self._t_last = now
+        # loss per quarter of the timestep range, without a host-side mask (NaN for an empty quarter)
+        q = self.diffusion.noise_level_bin(t, 4) if self.sigma_space else (t * 4) // self.diffusion.num_timesteps
+        per_q = torch.zeros(4, device=t.device).index_add_(0, q, terms["loss"].detach().float())
+        per_q = per_q / torch.zeros(4, device=t.device).index_add_(0, q, torch.ones_like(per_q[q]))
+        for i in range(4):
+            self.log(f"train/loss_q{i}", per_q[i], **log)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
-            grads = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
-            if grads:
-                self.log("train/grad_norm", torch.stack(grads).norm(), on_step=True, on_epoch=False)
+        if self._is_log_step():
+            norms = grad_norm(self.model, norm_type=2)
+            if norms:
+                self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, on_epoch=False)
 
     def on_train_epoch_start(self) -> None:
-        self._t_last = None
+        # images/s over the last log interval of this epoch (host clock: the window spans a logged step,
+        # whose logging synchronises, so host and device time agree over the window)
+        window = max(2, min(100, self.trainer.log_every_n_steps + 1))
+        self._throughput = Throughput(world_size=self.trainer.world_size, window_size=window)
+        self._epoch_t0, self._epoch_batches = time.perf_counter(), 0
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        # fp16 (16-mixed): the grad scaler skips optimizer steps whose gradients are not finite and
-        # halves its scale; count those steps so a user sees them.
+        if self._throughput is not None:
+            self._epoch_batches += 1
+            n = int(batch[0].shape[0])
+            self._throughput.update(time=time.perf_counter() - self._epoch_t0, batches=self._epoch_batches,
+                                    samples=self._epoch_batches * n)
+            rate = self._throughput.compute().get("device/samples_per_sec")
+            if rate is not None and self._is_log_step():
+                self.log("train/images_per_sec", rate * self.trainer.world_size, on_step=True, on_epoch=False)
+        self._count_skipped_steps()
+
+    def _count_skipped_steps(self) -> None:
+        """fp16 (16-mixed): the grad scaler skips optimizer steps whose gradients are not finite and lowers
+        its scale; count those steps on the device (reading the scale with ``get_scale()`` would sync)."""
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is None or not scaler.is_enabled():
+        if scaler is None or not scaler.is_enabled() or getattr(scaler, "_scale", None) is None:
             return
-        scale = float(scaler.get_scale())
-        prev = getattr(self, "_last_scale", None)
-        if prev is not None and scale < prev:
-            self.skipped_steps += 1
-        self._last_scale = scale
-        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
-        self.log("train/loss_scale", scale, on_step=True, on_epoch=False)
+        scale = scaler._scale.detach().reshape(())
+        if self._last_scale is not None:
+            self._skipped = self._skipped + (scale < self._last_scale).long()
+        self._last_scale = scale.clone()
+        if self._is_log_step():
+            self.log("train/skipped_steps", torch.as_tensor(self._skipped, device=scale.device).float(), on_step=True, on_epoch=False)
+            self.log("train/loss_scale", scale, on_step=True, on_epoch=False)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped by the fp16 grad scaler so far (reads the device counter)."""
+        return int(self._skipped)
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped = int(value)
+
+    # ------------------------------------------------------------------ non-finite loss
+    def _watch_nonfinite(self, loss: torch.Tensor) -> None:
+        """Remember the first step whose loss is NaN/inf in a device tensor; read it (one sync) on logged
+        steps, before every checkpoint and at the end of training."""
+        if self._first_nonfinite is None or self._first_nonfinite.device != loss.device:
+            self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss.detach()) & (self._first_nonfinite < 0)
+        self._first_nonfinite = torch.where(bad, torch.full_like(self._first_nonfinite, self.global_step), self._first_nonfinite)
+        if self._is_log_step():
+            self.check_finite()
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` on every rank if any rank had a non-finite loss so far (called
+        on all ranks at the same points, so the reduction under DDP is a matched collective)."""
+        if self._first_nonfinite is None:
+            return
+        first = self._first_nonfinite
+        if getattr(self.trainer, "world_size", 1) > 1:  # the earliest bad step of any rank
+            never = torch.iinfo(torch.long).max
+            first = self.trainer.strategy.reduce(torch.where(first < 0, never, first), reduce_op="min")
+            first = torch.where(first == never, -1, first)
+        if (step := int(first)) >= 0:
+            raise NonFiniteLossError(self._nonfinite_message(step))
+
+    def _nonfinite_message(self, step: int) -> str:
+        tr = self.trainer
+        fixes = []
+        lr = (getattr(self.optimizer_factory, "keywords", None) or {}).get("lr")
+        fixes.append(f"lower module.optimizer.lr (now {lr})" if lr is not None else "lower the learning rate (module.optimizer.lr)")
+        if not getattr(tr, "gradient_clip_val", None):
+            fixes.append("clip gradients with trainer.gradient_clip_val=1.0")
+        precision = str(getattr(tr, "precision", "32-true"))
+        if precision not in ("32-true", "64-true", "32", "64"):
+            fixes.append(f"train in full precision with trainer.precision=32-true (now {precision})")
+        ckpt = self._newest_checkpoint()
+        resume = (f"then resume with ckpt_path={ckpt}, the newest checkpoint, written before the loss diverged"
+                  if ckpt else "no checkpoint was written before the loss diverged, so start a new run")
+        return (f"The training loss became NaN or infinite at global step {step}; the run stopped and wrote no "
+                f"checkpoint after that step. To fix it: {'; '.join(fixes)}; {resume}.")
+
+    def _newest_checkpoint(self) -> Optional[Path]:
+        found = []
+        for cb in getattr(self.trainer, "checkpoint_callbacks", []) or []:
+            d = getattr(cb, "dirpath", None)
+            if d and Path(d).is_dir():
+                found += [p for p in Path(d).glob("*.ckpt") if p.is_file()]
+        if not found and getattr(self.trainer, "ckpt_path", None):
+            found = [Path(self.trainer.ckpt_path)]
+        return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+    def on_train_end(self) -> None:
+        self.check_finite()
 
     # ------------------------------------------------------------------ validation: held-out denoising loss
     def validation_step(self, batch, batch_idx):
         x, y = batch
         y = y if self.num_classes else None
-        g = torch.Generator(device="cpu").manual_seed(1234 + batch_idx)
+        g = torch.Generator(device=x.device).manual_seed(1234 + batch_idx)
         if self.sigma_space:
             t = self.diffusion.sample_sigma(x.shape[0], generator=g, device=x.device)
         else:
-            t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), generator=g).to(x.device)
-        noise = torch.randn(x.shape, generator=g).to(x.device)
+            t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), generator=g, device=x.device)
+        noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
         terms = self.diffusion.training_losses(self.ema_model, x, t, y, noise=noise)
-        self.log("val/mse", terms["mse"].mean(), on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+        self.val_mse.update(terms["mse"])
+        self.log("val/mse", self.val_mse, on_step=False, on_epoch=True)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        hp = self.hparams
-        opt = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay, eps=hp.eps)
-        total = hp.total_steps
-        if total is None and hp.lr_schedule != "constant" and self._trainer is not None:
-            est = self.trainer.estimated_stepping_batches  # max_steps, or max_epochs x batches per epoch / accumulation
-            total = int(est) if math.isfinite(est) else None
-        if hp.lr_schedule != "constant" and not total:
-            raise ValueError(
-                f"module.lr_schedule={hp.lr_schedule} anneals to module.min_lr_ratio at the last step, which is unknown: "
-                "set module.total_steps (or trainer.max_steps / trainer.max_epochs), or use module.lr_schedule=constant for time-budgeted runs"
-            )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(hp.warmup_steps, hp.lr_schedule, total, hp.min_lr_ratio))
+        opt = self.optimizer_factory(self.model.parameters())
+        if self.lr_scheduler_factory is None:
+            return opt
+        sched = self.lr_scheduler_factory(opt, **self._total_steps_kwarg(self.lr_scheduler_factory))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def _total_steps_kwarg(self, factory) -> dict:
+        """``{"total_steps": n}`` when the schedule takes ``total_steps``, the config left it null and the
+        trainer knows the run's length; else ``{}``."""
+        try:
+            param = inspect.signature(factory).parameters.get("total_steps")
+        except (TypeError, ValueError):
+            return {}
+        if param is None or param.default is not None or self._trainer is None:
+            return {}
+        est = self.trainer.estimated_stepping_batches
+        return {"total_steps": int(est)} if math.isfinite(est) else {}
 
     # ------------------------------------------------------------------ checkpoint extras
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_finite()  # never write weights that a non-finite step has touched
         checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
         checkpoint["skipped_steps"] = self.skipped_steps
 
@@ -210,27 +309,6 @@ class DiffusionModule(pl.LightningModule):
             return self.sampler.sample(net, self.diffusion, shape, y=y, generator=generator, **kw)
         finally:
             net.train(was_training)
-
-
-class lr_lambda:
-    """Multiplier of the base LR at optimizer step ``s``: linear warm-up, then constant, cosine or
-    linear decay to ``min_ratio`` at ``total`` steps (constant when ``total`` is unknown; the module
-    refuses a non-constant schedule without ``total``)."""
-
-    def __init__(self, warmup: int, schedule: str, total: Optional[int], min_ratio: float = 0.0):
-        self.warmup, self.schedule, self.total, self.min_ratio = int(warmup), schedule, total, float(min_ratio)
-
-    def __call__(self, step: int) -> float:
-        if self.warmup > 0 and step < self.warmup:
-            return (step + 1) / self.warmup
-        if self.schedule == "constant" or not self.total or self.total <= self.warmup:
-            return 1.0
-        frac = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        if self.schedule == "cosine":
-            decay = 0.5 * (1.0 + math.cos(math.pi * frac))
-        else:
-            decay = 1.0 - frac
-        return self.min_ratio + (1.0 - self.min_ratio) * decay
 
 
 def count_parameters(model: nn.Module) -> dict[str, Any]:
