@@ -155,16 +155,18 @@ def test_class_folders(tmp_path):
 
 
 def test_ddp_ranks_see_disjoint_samples(tmp_path, raw):
+    from ddlab.data.samplers import EpochSeededRandomSampler
+
     src = tmp_path / "src"
     src.mkdir()
     write_npz(src, raw)
     dm = ImageNet64DataModule(path=str(src), cache_dir=str(tmp_path / "c"), image_size=R, num_classes=4, hflip=False)
     dm.setup("fit")
     shards = []
-    for rank in (0, 1):  # the sampler Lightning inserts under DDP
-        sampler = torch.utils.data.DistributedSampler(dm.train_set, num_replicas=2, rank=rank, shuffle=True, seed=0)
+    for rank in (0, 1):  # the training sampler under 2-process DDP
+        sampler = EpochSeededRandomSampler(len(dm.train_set), seed=0, num_replicas=2, rank=rank)
         sampler.set_epoch(1)
-        shards.append({dm.train_set[i][0].numpy().tobytes() for i in sampler})
+        shards.append({dm.train_set[k][0].numpy().tobytes() for k in sampler})
     assert len(shards[0]) == len(shards[1]) == 4 and not shards[0] & shards[1]
 
 

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .samplers import item_index
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -74,8 +76,10 @@ class ArrayImageDataset(Dataset):
     array or tensor, or a read-only ``np.memmap`` — nothing is loaded until an item is asked for)
     and ``labels (N,) int``.
 
-    Item ``i`` is ``(x: (C, H, W) float32 in [-1, 1], y: int)``; with ``hflip`` a random half of the
-    items are mirrored left-right (torch's RNG: seeded by ``seed_everything`` and per worker).
+    Item ``i`` is ``(x: (C, H, W) float32 in [-1, 1], y: int)``. Keys may be ``(i, coin)`` pairs from
+    :class:`~ddlab.data.samplers.EpochSeededRandomSampler`; with ``hflip`` an item is mirrored
+    left-right when its coin is 1 (a seeded draw per image and epoch, so resumes and worker counts
+    do not change which images are flipped). Plain integer keys are never flipped.
     """
 
     def __init__(self, images, labels: Sequence[int], hflip: bool = False, name: str = "data set"):
@@ -107,10 +111,11 @@ class ArrayImageDataset(Dataset):
             state["images"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape)
         self.__dict__.update(state)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        i, coin = item_index(key)
         x = self.images[i]
         x = x.clone() if torch.is_tensor(x) else torch.from_numpy(np.array(x, dtype=np.uint8))
         x = uint8_to_float(x)
-        if self.hflip and torch.rand(()) < 0.5:
+        if self.hflip and coin:
             x = x.flip(-1)
         return x, int(self.labels[i])

@@ -50,7 +50,9 @@ class EMA(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step == 0 and trainer.ckpt_path is None:
             pl_module.ema_model.load_state_dict(pl_module.model.state_dict())
-        self._last_step = trainer.global_step
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_step = trainer.global_step  # restored by now (on_fit_start runs before the loops are restored)
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
