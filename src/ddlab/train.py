@@ -69,6 +69,44 @@ def check_resume_checkpoint(path: str, resolved: dict) -> None:
             )
 
 
+def resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> Optional[str]:
+    """``ckpt_path``: a file, ``null`` (start fresh) or ``auto``: this run folder's ``last.ckpt`` when it
+    exists (a requeued or rerun job continues), else start fresh."""
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None or str(ckpt_path) != "auto":
+        return None if ckpt_path is None else str(ckpt_path)
+    node = (cfg.get("callbacks") or {}).get("checkpoint") or {}
+    last = Path(node.get("dirpath") or output_dir / "checkpoints") / "last.ckpt"
+    if last.is_file():
+        log.info("ckpt_path=auto: resuming from %s", last)
+        return str(last)
+    log.info("ckpt_path=auto: no %s yet, starting fresh", last)
+    return None
+
+
+def fixed_wandb_id(cfg: DictConfig) -> Optional[str]:
+    """A W&B run id derived from ``name`` and a ``run_id`` given on the command line (e.g. the SLURM job
+    id), so a requeued job preempted before its first checkpoint still continues the same W&B run."""
+    import re
+
+    if not any(o.split("=", 1)[0].lstrip("+~") == "run_id" for o in sweep.task_overrides()):
+        return None
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", f"{cfg.get('name', 'run')}-{cfg.run_id}")[:64]
+
+
+def make_preemption(cfg: DictConfig, output_dir: Path):
+    """The :class:`~ddlab.training.preemption.Preemption` callback of ``cfg.preemption`` (``null``: off)."""
+    from ddlab.training.preemption import Preemption
+
+    node = cfg.get("preemption")
+    if not node:
+        return None
+    unknown = set(node) - {"signals", "requeue"}
+    if unknown:
+        raise ValueError(f"preemption: unknown option(s) {sorted(unknown)}; valid: signals, requeue")
+    return Preemption(dirpath=str(output_dir / "checkpoints"), signals=list(node.get("signals") or []), requeue=bool(node.get("requeue", True)))
+
+
 def train(cfg: DictConfig) -> Optional[float]:
     """Build everything from ``cfg`` and fit. Returns the value of ``cfg.optimized_metric``."""
     import lightning.pytorch as pl
@@ -86,7 +124,7 @@ def train(cfg: DictConfig) -> Optional[float]:
     output_dir = Path(cfg.paths.output_dir) if HydraConfig.initialized() else Path(cfg.trainer.default_root_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
-    ckpt_path = cfg.get("ckpt_path")
+    ckpt_path = resolve_ckpt_path(cfg, output_dir)
     if ckpt_path is not None:
         check_resume_checkpoint(ckpt_path, resolved)
 
@@ -96,7 +134,10 @@ def train(cfg: DictConfig) -> Optional[float]:
     sampler = instantiate(cfg.sampler)
     module = instantiate(cfg.module, _partial_=True)(model=model, diffusion=diffusion, sampler=sampler, run_config=resolved)
     callbacks = instantiate_dict(cfg.get("callbacks"))
-    wandb_utils.set_resume_id(cfg.get("logger"), ckpt_path)  # resume continues the W&B run stored in the checkpoint
+    preemption = make_preemption(cfg, output_dir)
+    callbacks += [preemption] if preemption else []
+    # resume continues the W&B run stored in the checkpoint; a fixed run_id gives a fixed W&B id
+    wandb_utils.set_resume_id(cfg.get("logger"), ckpt_path, fallback_id=fixed_wandb_id(cfg))
     loggers = instantiate_dict(cfg.get("logger"))
     callbacks += wandb_utils.callbacks_for(loggers)
     # Checkpoints come from ddlab's StepCheckpoint (and Lightning's ModelCheckpoint when configured);
@@ -126,6 +167,10 @@ def train(cfg: DictConfig) -> Optional[float]:
             output_dir.mkdir(parents=True, exist_ok=True)
             (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         exit_code = 0
+        if preemption is not None and preemption.stopped_at is not None:
+            log.warning("stopped by signal %s at step %d: rerun the same command with ckpt_path=auto (and the same run_id) "
+                        "to continue from %s", preemption.received, preemption.stopped_at, output_dir / "checkpoints" / "last.ckpt")
+            preemption.maybe_requeue(trainer.is_global_zero)
     finally:
         wandb_utils.finish(loggers, exit_code=exit_code)
     name = cfg.get("optimized_metric")

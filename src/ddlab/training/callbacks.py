@@ -202,17 +202,17 @@ class StepCheckpoint(Checkpoint):
     def state_key(self) -> str:
         return "StepCheckpoint"
 
-    def _save(self, trainer: pl.Trainer) -> None:
+    def _save(self, trainer: pl.Trainer, last_only: bool = False) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking:
             return
         step = trainer.global_step
         if step == self._last_step:
             return
         self._last_step = step
-        if self.every_n_steps and step % self.every_n_steps == 0 and self.keep != 0:
+        if not last_only and self.every_n_steps and step % self.every_n_steps == 0 and self.keep != 0:
             trainer.save_checkpoint(self.dirpath / f"step_{step:06d}.ckpt")
             self._prune(trainer)
-        if self.save_last:
+        if self.save_last or last_only:
             trainer.save_checkpoint(self.dirpath / "last.ckpt")
 
     def _prune(self, trainer) -> None:
