@@ -163,6 +163,10 @@ def train(cfg: DictConfig) -> Optional[float]:
 
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
         metrics.update({"global_step": trainer.global_step, "epoch": trainer.current_epoch, **n_params})
+        skipped = len(getattr(datamodule, "skipped_files", None) or [])
+        metrics["data/skipped_files"] = skipped  # undecodable image files left out (data.on_bad_file=skip)
+        for lg in trainer.loggers:
+            lg.log_metrics({"data/skipped_files": skipped}, step=trainer.global_step)
         if trainer.is_global_zero:
             output_dir.mkdir(parents=True, exist_ok=True)
             (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))

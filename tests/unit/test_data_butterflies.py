@@ -207,3 +207,15 @@ def test_config_composes_and_instantiates_without_reading(tmp_path):
     dm.setup("fit")
     assert dm.resolved_source() == "folder" and dm.train_set[0][0].shape == (3, 16, 16)
     pickle.loads(pickle.dumps(dm.train_set))  # picklable for spawned workers
+
+
+def test_bad_file_is_named_before_training_or_skipped_and_counted(folder, caplog):
+    (folder / "a" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    dm = ButterfliesDataModule(path=str(folder), source="folder", image_size=S, batch_size=2)
+    with pytest.raises(ValueError, match=r"zz_broken.png.*data.on_bad_file=skip"):
+        dm.setup("fit")
+    dm = ButterfliesDataModule(path=str(folder), source="folder", image_size=S, batch_size=2, on_bad_file="skip")
+    with caplog.at_level("WARNING"):
+        dm.setup("fit")
+    assert len(dm.train_set) == 6 and len(dm.skipped_files) == 1 and dm.skipped_files[0].endswith("zz_broken.png")
+    assert sum("zz_broken.png" in r.getMessage() for r in caplog.records) == 1  # one warning per file

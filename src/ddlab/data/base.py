@@ -58,6 +58,7 @@ class ImageDataModule(pl.LightningDataModule):
         limit: Optional[int] = None,
         val_limit: Optional[int] = None,
         drop_last: bool = True,
+        on_bad_file: str = "error",
     ):
         super().__init__()
         if int(batch_size) < 1:
@@ -76,6 +77,10 @@ class ImageDataModule(pl.LightningDataModule):
         self.limit = limit
         self.val_limit = val_limit
         self.drop_last = drop_last
+        from .images import check_on_bad_file
+
+        self.on_bad_file = check_on_bad_file(on_bad_file)
+        self.skipped_files: list[str] = []  # image files that could not be decoded (on_bad_file=skip)
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
         self._split = "train"

@@ -6,6 +6,7 @@ Shared by the butterflies and ImageNet-64 data modules.
 from __future__ import annotations
 
 import io
+import logging
 import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -45,6 +46,29 @@ def decode_image(source: Union[str, os.PathLike, bytes], name: Optional[str] = N
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"cannot decode image {label}: {e} (corrupt or not an image; remove or replace it)") from e
+
+
+ON_BAD_FILE = ("error", "skip")
+
+
+def check_on_bad_file(value: str) -> str:
+    if value not in ON_BAD_FILE:
+        raise ValueError(f"data.on_bad_file={value!r}: choose from {', '.join(ON_BAD_FILE)}")
+    return value
+
+
+def decode_or_skip(source, on_bad_file: str, skipped: list, name: Optional[str] = None):
+    """:func:`decode_image`, or ``None`` with one warning when ``on_bad_file='skip'`` and the file cannot
+    be decoded (its name is appended to ``skipped``). With ``'error'`` the ``ValueError`` names the file."""
+    try:
+        return decode_image(source, name=name)
+    except ValueError as e:
+        if on_bad_file != "skip":
+            raise ValueError(f"{e}; or set data.on_bad_file=skip to train without it") from None
+        label = name or str(source)
+        logging.getLogger("ddlab.data").warning("skipping %s (data.on_bad_file=skip): %s", label, e)
+        skipped.append(label)
+        return None
 
 
 def resize_center_crop(img, size: int) -> np.ndarray:

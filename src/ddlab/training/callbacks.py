@@ -129,16 +129,21 @@ class SampleGrid(Callback):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to ``<path>.tmp`` and renames it into place, so a kill during a save
-    leaves the previous file intact (``os.replace`` is atomic on POSIX and Windows)."""
+    """Writes each checkpoint through :func:`ddlab.io.atomic_write` (a temporary file in the same
+    folder, fsynced, renamed into place), so a kill or a failed write (disk full, a folder that became
+    read-only) leaves the previous file intact; such a failure stops the run with an ``OSError`` that
+    names the folder, the space the checkpoint needs and the space that is free."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        path = str(path)
-        tmp = f"{path}.tmp"
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        from ddlab.io import atomic_write, disk_error
+
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise disk_error(e, path) from e
+        with atomic_write(path, needed=_tensor_bytes(checkpoint)) as f:
+            torch.save(checkpoint, f)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         try:
@@ -147,6 +152,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
         except Exception as e:
             raise RuntimeError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}); use another file, e.g. an earlier step in the same folder") from e
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) checkpoint dict: about the size of its file."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 class RNGState(Callback):
