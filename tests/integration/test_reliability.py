@@ -1,5 +1,6 @@
 """Reliability: exact resume, SIGKILL, non-finite loss, atomic checkpoints, bad input."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -243,3 +244,35 @@ def test_ddp_gloo_matches_single_process_and_resumes(tmp_path):
         f"ckpt_path={ddp / 'checkpoints' / 'last.ckpt'}")
     ck = torch.load(ddp / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ck["global_step"] == 4 * 256 // 32
+
+
+def _fail_saves_after(monkeypatch, n_ok: int, make_error):
+    """Checkpoint writes after the first ``n_ok`` fail with ``make_error()`` (raised when the file is opened)."""
+    import builtins
+
+    import ddlab.io
+
+    calls = {"n": 0}
+
+    def failing_open(file, mode="r", *a, **k):
+        if "w" in mode and str(file).endswith(".tmp") and ".ckpt" in str(file):
+            calls["n"] += 1
+            if calls["n"] > n_ok:
+                raise make_error()
+        return builtins.open(file, mode, *a, **k)
+
+    monkeypatch.setattr(ddlab.io, "open", failing_open, raising=False)
+
+
+@pytest.mark.parametrize("err,match", [
+    (lambda: OSError(errno.ENOSPC, "No space left on device"), r"disk full writing step_000006.ckpt in .*checkpoints: it needs about [0-9.]+ MiB \([0-9.]+ MiB free\)"),
+    (lambda: OSError(errno.EROFS, "Read-only file system"), r"cannot write step_000006.ckpt in .*checkpoints: the folder is read-only"),
+], ids=["disk_full", "read_only"])
+def test_failed_checkpoint_write_stops_the_run_and_keeps_the_last_good_one(tmp_path, monkeypatch, err, match):
+    _fail_saves_after(monkeypatch, 4, err)  # step 2 and step 4 (step file + last.ckpt each) succeed
+    cfg = compose(QUIET + ["trainer.max_steps=12", "callbacks.checkpoint.every_n_steps=2"], output_dir=tmp_path)
+    with pytest.raises(OSError, match=match):
+        train(cfg)
+    ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ck["global_step"] == 4  # the last good checkpoint, intact
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt", "step_000002.ckpt", "step_000004.ckpt"]
