@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -45,6 +47,14 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"model.image_size={m.image_size} but data.image_size={d.image_size}; they must match")
     if "in_channels" in m and int(m.in_channels) != int(d.channels):
         raise ValueError(f"model.in_channels={m.in_channels} but data.channels={d.channels}; they must match")
+    t = cfg.trainer
+    if t.get("max_epochs") == 0 or t.get("max_steps") == 0:
+        key = "max_epochs" if t.get("max_epochs") == 0 else "max_steps"
+        raise ValueError(f"trainer.{key}=0 trains nothing; give a positive number, or -1 for no limit "
+                         "(then training stops at trainer.max_steps / max_epochs / max_time)")
+    if str(t.get("devices")) in ("0", "[]"):
+        raise ValueError("trainer.devices=0 selects no device; use trainer.devices=1 (or N for N devices, a list of ids "
+                         "like [0,2], or auto), and trainer.accelerator=cpu to train on the CPU")
 
 
 # model keys that change only speed or memory, not the weights' shapes or meaning
@@ -56,7 +66,7 @@ def check_resume_checkpoint(path: str, resolved: dict) -> None:
     model or diffusion config than the one composed now."""
     from ddlab.checkpoint import read_checkpoint, run_config
 
-    ck = read_checkpoint(path)
+    ck = read_checkpoint(path, key="ckpt_path")
     old = run_config(ck, path)
     for section, ignore in (("model", _RUNTIME_MODEL_KEYS), ("scheduler", {"loss", "vlb_weight", "min_snr_gamma"})):
         a, b = old.get(section, {}), resolved.get(section, {})
@@ -181,9 +191,30 @@ def train(cfg: DictConfig) -> Optional[float]:
     return metrics.get(name) if name else None
 
 
+# errors about the user's input (missing or corrupt data, bad values, unwritable folders) raised by ddlab
+# code: shown as their message alone, without Lightning's frames, unless HYDRA_FULL_ERROR=1
+_INPUT_ERRORS = (ValueError, FileNotFoundError, OSError, ImportError)
+
+
+def is_input_error(e: BaseException) -> bool:
+    if not isinstance(e, _INPUT_ERRORS):
+        return False
+    tb, last = e.__traceback__, None
+    while tb is not None:
+        last, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+    here = os.path.dirname(os.path.abspath(__file__))
+    return last is not None and os.path.abspath(last).startswith(here + os.sep)
+
+
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="train")
 def main(cfg: DictConfig) -> Any:
-    return sweep.guarded(train, cfg)  # on_error: raise | inf | nan
+    try:
+        return sweep.guarded(train, cfg)  # on_error: raise | inf | nan
+    except Exception as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not is_input_error(e):
+            raise
+        print(f"Error: {e}\n(set HYDRA_FULL_ERROR=1 for the full stack trace)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
