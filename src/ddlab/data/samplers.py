@@ -79,12 +79,15 @@ class ResumableDataLoader(DataLoader):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if not isinstance(self.sampler, EpochSeededRandomSampler):
-            raise TypeError("ResumableDataLoader needs an EpochSeededRandomSampler")
+        # Lightning may rebuild the loader with its own sampler (trainer.overfit_batches): then it is a
+        # plain DataLoader and its state is empty
+        self._resumable = isinstance(self.sampler, EpochSeededRandomSampler)
         self._position = 0   # batches of the current epoch handed out
         self._restore: Optional[dict] = None
 
     def __iter__(self) -> Iterator[Any]:
+        if not self._resumable:
+            return DataLoader.__iter__(self)
         sampler: EpochSeededRandomSampler = self.sampler
         skip = 0
         if self._restore is not None:
@@ -102,6 +105,8 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict:
+        if not self._resumable:
+            return {}
         sampler: EpochSeededRandomSampler = self.sampler
         epoch, position = sampler.epoch, self._position
         if position >= len(self):  # the epoch is complete: the next batch is the next epoch's first
@@ -110,6 +115,8 @@ class ResumableDataLoader(DataLoader):
                 "num_replicas": sampler.num_replicas, "n": sampler.n}
 
     def load_state_dict(self, state: dict) -> None:
+        if not self._resumable or not state:
+            return
         sampler: EpochSeededRandomSampler = self.sampler
         for key, now in (("seed", sampler.seed), ("batch_size", int(self.batch_size)), ("num_replicas", sampler.num_replicas), ("n", sampler.n)):
             if key in state and int(state[key]) != now:
