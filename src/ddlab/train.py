@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddlab import config as _config  # noqa: F401  (registers resolvers)
 from ddlab import sweep
+from ddlab.io import atomic_write_text
 from ddlab.training import wandb_utils
 
 log = logging.getLogger("ddlab.train")
@@ -117,6 +118,21 @@ def make_preemption(cfg: DictConfig, output_dir: Path):
     return Preemption(dirpath=str(output_dir / "checkpoints"), signals=list(node.get("signals") or []), requeue=bool(node.get("requeue", True)))
 
 
+def write_metrics(trainer, datamodule, n_params: dict, output_dir: Path) -> dict:
+    """The run's final scalar metrics (also ``data/skipped_files``: undecodable image files left out
+    under ``data.on_bad_file=skip``), logged and written to ``metrics.json`` by rank 0."""
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    metrics.update({"global_step": trainer.global_step, "epoch": trainer.current_epoch, **n_params})
+    skipped = len(getattr(datamodule, "skipped_files", None) or [])
+    metrics["data/skipped_files"] = skipped
+    for lg in trainer.loggers:
+        lg.log_metrics({"data/skipped_files": skipped}, step=trainer.global_step)
+    if trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics
+
+
 def train(cfg: DictConfig) -> Optional[float]:
     """Build everything from ``cfg`` and fit. Returns the value of ``cfg.optimized_metric``."""
     import lightning.pytorch as pl
@@ -171,15 +187,7 @@ def train(cfg: DictConfig) -> Optional[float]:
     try:  # W&B runs are closed (marked failed on an error) so the next job of a sweep starts clean
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-        metrics.update({"global_step": trainer.global_step, "epoch": trainer.current_epoch, **n_params})
-        skipped = len(getattr(datamodule, "skipped_files", None) or [])
-        metrics["data/skipped_files"] = skipped  # undecodable image files left out (data.on_bad_file=skip)
-        for lg in trainer.loggers:
-            lg.log_metrics({"data/skipped_files": skipped}, step=trainer.global_step)
-        if trainer.is_global_zero:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        metrics = write_metrics(trainer, datamodule, n_params, output_dir)
         exit_code = 0
         if preemption is not None and preemption.stopped_at is not None:
             log.warning("stopped by signal %s at step %d: rerun the same command with ckpt_path=auto (and the same run_id) "
