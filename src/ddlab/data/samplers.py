@@ -118,6 +118,9 @@ class ResumableDataLoader(DataLoader):
         if not self._resumable or not state:
             return
         sampler: EpochSeededRandomSampler = self.sampler
+        if int(state.get("batches", 0)) == 0:  # at an epoch boundary: nothing to skip, any batch size will do
+            sampler.set_epoch(int(state["epoch"]))
+            return
         for key, now in (("seed", sampler.seed), ("batch_size", int(self.batch_size)), ("num_replicas", sampler.num_replicas), ("n", sampler.n)):
             if key in state and int(state[key]) != now:
                 raise ValueError(
