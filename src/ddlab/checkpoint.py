@@ -27,11 +27,11 @@ class LoadedCheckpoint:
     ema: bool
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """``torch.load`` with errors that name the file and the fix."""
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", key: str = "ckpt") -> dict:
+    """``torch.load`` with errors that name the file, the config ``key`` it came from and the fix."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"checkpoint {p} does not exist (ckpt=...: give the path to a .ckpt file, e.g. <run>/checkpoints/last.ckpt)")
+        raise FileNotFoundError(f"checkpoint {p} does not exist ({key}=...: give the path to a .ckpt file, e.g. <run>/checkpoints/last.ckpt)")
     try:
         ck = torch.load(p, map_location=map_location, weights_only=False)
     except Exception as e:

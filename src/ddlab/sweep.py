@@ -28,6 +28,8 @@ from typing import Any, Callable, Optional, Sequence
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from ddlab.io import atomic_write_text
+
 log = logging.getLogger("ddlab.sweep")
 
 ON_ERROR = {"raise": None, "inf": math.inf, "nan": math.nan}
@@ -113,12 +115,6 @@ def _optimizing_sweep() -> bool:
 
 
 # ---------------------------------------------------------------------------------- sweep summary
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _number(v: Any) -> Any:
     try:
         return float(v)
@@ -174,7 +170,7 @@ def write_summary(sweep_dir: str | os.PathLike, columns: Optional[Sequence[str]]
     w = csv.DictWriter(s, fieldnames=all_cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    _atomic_write(root / "summary.csv", s.getvalue())
+    atomic_write_text(root / "summary.csv", s.getvalue())
     # the markdown table shows only the overrides that differ between jobs (the swept ones)
     split = [r["overrides"].split() for r in rows]
     common = set.intersection(*(set(o) for o in split)) if len(rows) > 1 else set()
@@ -184,7 +180,7 @@ def write_summary(sweep_dir: str | os.PathLike, columns: Optional[Sequence[str]]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in md_cols) + " |" for r in md_rows]
     if common:
         lines += ["", "Common to every job: `" + " ".join(o for o in split[0] if o in common) + "`"]
-    _atomic_write(root / "summary.md", "\n".join(lines) + "\n")
+    atomic_write_text(root / "summary.md", "\n".join(lines) + "\n")
     return rows
 
 
@@ -219,7 +215,7 @@ class SweepSummary(Callback):
             if isinstance(info["return_value"], float) and not math.isfinite(info["return_value"]):
                 info["return_value"] = str(info["return_value"])  # JSON has no inf/nan
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "job_return.json", json.dumps(info, indent=2))
+        atomic_write_text(out / "job_return.json", json.dumps(info, indent=2))
         try:
             write_summary(config.hydra.sweep.dir, self.columns)
         except Exception as e:  # a summary problem must not fail the job

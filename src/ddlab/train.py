@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddlab import config as _config  # noqa: F401  (registers resolvers)
 from ddlab import runtime, sweep
+from ddlab.io import atomic_write_text
 from ddlab.models.contract import check_model_contract
 from ddlab.training import wandb_utils
 
@@ -46,6 +49,14 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"model.image_size={m.image_size} but data.image_size={d.image_size}; they must match")
     if "in_channels" in m and int(m.in_channels) != int(d.channels):
         raise ValueError(f"model.in_channels={m.in_channels} but data.channels={d.channels}; they must match")
+    t = cfg.trainer
+    if t.get("max_epochs") == 0 or t.get("max_steps") == 0:
+        key = "max_epochs" if t.get("max_epochs") == 0 else "max_steps"
+        raise ValueError(f"trainer.{key}=0 trains nothing; give a positive number, or -1 for no limit "
+                         "(then training stops at trainer.max_steps / max_epochs / max_time)")
+    if str(t.get("devices")) in ("0", "[]"):
+        raise ValueError("trainer.devices=0 selects no device; use trainer.devices=1 (or N for N devices, a list of ids "
+                         "like [0,2], or auto), and trainer.accelerator=cpu to train on the CPU")
 
 
 # model keys that change only speed or memory, not the weights' shapes or meaning
@@ -57,7 +68,7 @@ def check_resume_checkpoint(path: str, resolved: dict) -> None:
     model or diffusion config than the one composed now."""
     from ddlab.checkpoint import read_checkpoint, run_config
 
-    ck = read_checkpoint(path)
+    ck = read_checkpoint(path, key="ckpt_path")
     old = run_config(ck, path)
     for section, ignore in (("model", _RUNTIME_MODEL_KEYS), ("scheduler", {"loss", "vlb_weight", "min_snr_gamma"})):
         a, b = old.get(section, {}), resolved.get(section, {})
@@ -68,6 +79,59 @@ def check_resume_checkpoint(path: str, resolved: dict) -> None:
                 f"ckpt_path={path} was trained with another {section} config ({detail}); resume with the same "
                 f"{section} options (see the run's .hydra/config.yaml) or start a new run without ckpt_path"
             )
+
+
+def resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> Optional[str]:
+    """``ckpt_path``: a file, ``null`` (start fresh) or ``auto``: this run folder's ``last.ckpt`` when it
+    exists (a requeued or rerun job continues), else start fresh."""
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None or str(ckpt_path) != "auto":
+        return None if ckpt_path is None else str(ckpt_path)
+    node = (cfg.get("callbacks") or {}).get("checkpoint") or {}
+    last = Path(node.get("dirpath") or output_dir / "checkpoints") / "last.ckpt"
+    if last.is_file():
+        log.info("ckpt_path=auto: resuming from %s", last)
+        return str(last)
+    log.info("ckpt_path=auto: no %s yet, starting fresh", last)
+    return None
+
+
+def fixed_wandb_id(cfg: DictConfig) -> Optional[str]:
+    """A W&B run id derived from ``name`` and a ``run_id`` given on the command line (e.g. the SLURM job
+    id), so a requeued job preempted before its first checkpoint still continues the same W&B run."""
+    import re
+
+    if not any(o.split("=", 1)[0].lstrip("+~") == "run_id" for o in sweep.task_overrides()):
+        return None
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", f"{cfg.get('name', 'run')}-{cfg.run_id}")[:64]
+
+
+def make_preemption(cfg: DictConfig, output_dir: Path):
+    """The :class:`~ddlab.training.preemption.Preemption` callback of ``cfg.preemption`` (``null``: off)."""
+    from ddlab.training.preemption import Preemption
+
+    node = cfg.get("preemption")
+    if not node:
+        return None
+    unknown = set(node) - {"signals", "requeue"}
+    if unknown:
+        raise ValueError(f"preemption: unknown option(s) {sorted(unknown)}; valid: signals, requeue")
+    return Preemption(dirpath=str(output_dir / "checkpoints"), signals=list(node.get("signals") or []), requeue=bool(node.get("requeue", True)))
+
+
+def write_metrics(trainer, datamodule, n_params: dict, output_dir: Path) -> dict:
+    """The run's final scalar metrics (also ``data/skipped_files``: undecodable image files left out
+    under ``data.on_bad_file=skip``), logged and written to ``metrics.json`` by rank 0."""
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    metrics.update({"global_step": trainer.global_step, "epoch": trainer.current_epoch, **n_params})
+    skipped = len(getattr(datamodule, "skipped_files", None) or [])
+    metrics["data/skipped_files"] = skipped
+    for lg in trainer.loggers:
+        lg.log_metrics({"data/skipped_files": skipped}, step=trainer.global_step)
+    if trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics
 
 
 def train(cfg: DictConfig) -> Optional[float]:
@@ -87,7 +151,7 @@ def train(cfg: DictConfig) -> Optional[float]:
     output_dir = Path(cfg.paths.output_dir) if HydraConfig.initialized() else Path(cfg.trainer.default_root_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
-    ckpt_path = cfg.get("ckpt_path")
+    ckpt_path = resolve_ckpt_path(cfg, output_dir)
     if ckpt_path is not None:
         check_resume_checkpoint(ckpt_path, resolved)
 
@@ -98,7 +162,10 @@ def train(cfg: DictConfig) -> Optional[float]:
     sampler = instantiate(cfg.sampler)
     module = instantiate(cfg.module, _partial_=True)(model=model, diffusion=diffusion, sampler=sampler, run_config=resolved)
     callbacks = instantiate_dict(cfg.get("callbacks"))
-    wandb_utils.set_resume_id(cfg.get("logger"), ckpt_path)  # resume continues the W&B run stored in the checkpoint
+    preemption = make_preemption(cfg, output_dir)
+    callbacks += [preemption] if preemption else []
+    # resume continues the W&B run stored in the checkpoint; a fixed run_id gives a fixed W&B id
+    wandb_utils.set_resume_id(cfg.get("logger"), ckpt_path, fallback_id=fixed_wandb_id(cfg))
     loggers = instantiate_dict(cfg.get("logger"))
     callbacks += wandb_utils.callbacks_for(loggers)
     # Checkpoints come from ddlab's StepCheckpoint (and Lightning's ModelCheckpoint when configured);
@@ -123,21 +190,46 @@ def train(cfg: DictConfig) -> Optional[float]:
     try:  # W&B runs are closed (marked failed on an error) so the next job of a sweep starts clean
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-        metrics.update({"global_step": trainer.global_step, "epoch": trainer.current_epoch, **n_params})
-        if trainer.is_global_zero:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        metrics = write_metrics(trainer, datamodule, n_params, output_dir)
         exit_code = 0
+        if preemption is not None and preemption.stopped_at is not None:
+            log.warning("stopped by signal %s at step %d: rerun the same command with ckpt_path=auto (and the same run_id) "
+                        "to continue from %s", preemption.received, preemption.stopped_at, output_dir / "checkpoints" / "last.ckpt")
+            preemption.maybe_requeue(trainer.is_global_zero)
     finally:
         wandb_utils.finish(loggers, exit_code=exit_code)
     name = cfg.get("optimized_metric")
     return metrics.get(name) if name else None
 
 
+# errors about the user's input (missing or corrupt data, bad values, unwritable folders) raised by ddlab
+# code: shown as their message alone, without Lightning's frames, unless HYDRA_FULL_ERROR=1
+_INPUT_ERRORS = (ValueError, FileNotFoundError, OSError, ImportError)
+
+
+def is_input_error(e: BaseException) -> bool:
+    from ddlab.training.module import NonFiniteLossError
+
+    if isinstance(e, NonFiniteLossError):  # its message is the complete advice for this run
+        return True
+    if not isinstance(e, _INPUT_ERRORS):
+        return False
+    tb, last = e.__traceback__, None
+    while tb is not None:
+        last, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+    here = os.path.dirname(os.path.abspath(__file__))
+    return last is not None and os.path.abspath(last).startswith(here + os.sep)
+
+
 @hydra.main(version_base="1.3", config_path=_config.CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> Any:
-    return sweep.guarded(train, cfg)  # on_error: raise | inf | nan
+    try:
+        return sweep.guarded(train, cfg)  # on_error: raise | inf | nan
+    except Exception as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not is_input_error(e):
+            raise
+        print(f"Error: {e}\n(set HYDRA_FULL_ERROR=1 for the full stack trace)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Reliability: exact resume, SIGKILL, non-finite loss, atomic checkpoints, bad input."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -146,7 +147,7 @@ def test_corrupt_checkpoint_is_named(tmp_path):
     bad.write_bytes(b"not a checkpoint at all")
     with pytest.raises(RuntimeError, match=r"last.ckpt is corrupt or truncated"):
         train(compose(TINY + [f"ckpt_path={bad}"], output_dir=tmp_path / "o"))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"does not exist \(ckpt_path=\.\.\.: give the path"):
         train(compose(TINY + [f"ckpt_path={tmp_path / 'nope.ckpt'}"], output_dir=tmp_path / "o"))
 
 
@@ -170,6 +171,10 @@ def test_checkpoint_from_another_model_config(tmp_path):
         ("scheduler.prediction=epsilon", "scheduler.prediction: unknown value 'epsilon'"),
         ("scheduler.num_timesteps=0", "scheduler.num_timesteps must be a positive integer"),
         ("data.limit=0", "data.limit must be a positive integer"),
+        ("trainer.max_epochs=0", "trainer.max_epochs=0 trains nothing; give a positive number, or -1"),
+        ("trainer.devices=0", r"trainer.devices=0 selects no device; use trainer.devices=1"),
+        ("+model.chanels=64", r"unknown option\(s\) 'chanels'; valid options: image_size"),
+        ("data.num_workers=-1", "data.num_workers must be >= 0"),
     ],
 )
 def test_bad_input_fails_early_naming_the_key(override, match, tmp_path):
@@ -243,3 +248,65 @@ def test_ddp_gloo_matches_single_process_and_resumes(tmp_path):
         f"ckpt_path={ddp / 'checkpoints' / 'last.ckpt'}")
     ck = torch.load(ddp / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ck["global_step"] == 4 * 256 // 32
+
+
+def _fail_saves_after(monkeypatch, n_ok: int, make_error):
+    """Checkpoint writes after the first ``n_ok`` fail with ``make_error()`` (raised when the file is opened)."""
+    import builtins
+
+    import ddlab.io
+
+    calls = {"n": 0}
+
+    def failing_open(file, mode="r", *a, **k):
+        if "w" in mode and str(file).endswith(".tmp") and ".ckpt" in str(file):
+            calls["n"] += 1
+            if calls["n"] > n_ok:
+                raise make_error()
+        return builtins.open(file, mode, *a, **k)
+
+    monkeypatch.setattr(ddlab.io, "open", failing_open, raising=False)
+
+
+@pytest.mark.parametrize("err,match", [
+    (lambda: OSError(errno.ENOSPC, "No space left on device"), r"disk full writing step_000006.ckpt in .*checkpoints: it needs about [0-9.]+ MiB \([0-9.]+ MiB free\)"),
+    (lambda: OSError(errno.EROFS, "Read-only file system"), r"cannot write step_000006.ckpt in .*checkpoints: the folder is read-only"),
+], ids=["disk_full", "read_only"])
+def test_failed_checkpoint_write_stops_the_run_and_keeps_the_last_good_one(tmp_path, monkeypatch, err, match):
+    _fail_saves_after(monkeypatch, 4, err)  # step 2 and step 4 (step file + last.ckpt each) succeed
+    cfg = compose(QUIET + ["trainer.max_steps=12", "callbacks.checkpoint.every_n_steps=2"], output_dir=tmp_path)
+    with pytest.raises(OSError, match=match):
+        train(cfg)
+    ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ck["global_step"] == 4  # the last good checkpoint, intact
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt", "step_000002.ckpt", "step_000004.ckpt"]
+
+
+def test_failed_mnist_download_leaves_no_folders(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    from ddlab.data import load_mnist
+
+    def offline(root, *a, **k):
+        (Path(root) / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)  # as torchvision does before downloading
+        raise RuntimeError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    target = tmp_path / "new" / "mnist"
+    with pytest.raises(FileNotFoundError, match="download failed: network unreachable"):
+        load_mnist(target, "train", download=True)
+    assert list(tmp_path.iterdir()) == []  # nothing created is left behind
+
+
+def test_data_errors_are_shown_without_the_framework_stack(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cmd = [sys.executable, "-m", "ddlab.train", *TINY, f"paths.data_dir={empty}", "data.download=false", f"hydra.run.dir={tmp_path / 'o'}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env.pop("HYDRA_FULL_ERROR", None)
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 1
+    assert f"Error: MNIST not found in {empty}" in r.stderr and "HYDRA_FULL_ERROR=1" in r.stderr
+    assert "Traceback" not in r.stderr and "lightning" not in r.stderr
+    r = subprocess.run(cmd, cwd=ROOT, env={**env, "HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "lightning" in r.stderr

@@ -80,16 +80,10 @@ def test_folder_recursive_and_hflip_train_only(folder, arrays):
     dm.setup("fit")
     assert len(dm.train_set) == 6  # a/*.png and b/c/*.png, not notes.txt
     ref = expected(arrays[4])
-    torch.manual_seed(0)
-    seen = {"same": 0, "flipped": 0}
-    for _ in range(40):
-        x, _ = dm.train_set[4]
-        if torch.allclose(x.double(), ref, atol=1e-6):
-            seen["same"] += 1
-        else:
-            torch.testing.assert_close(x.double(), ref.flip(-1), atol=1e-6, rtol=0)
-            seen["flipped"] += 1
-    assert seen["same"] > 5 and seen["flipped"] > 5
+    # the training sampler hands each image a seeded coin; coin 1 mirrors it, coin 0 leaves it
+    torch.testing.assert_close(dm.train_set[(4, 0)][0].double(), ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(dm.train_set[(4, 1)][0].double(), ref.flip(-1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(dm.val_set[(4, 1)][0].double(), ref, atol=1e-6, rtol=0)  # val: never flipped
     assert all(torch.allclose(dm.val_set[4][0].double(), ref, atol=1e-6) for _ in range(10))
 
 
@@ -116,16 +110,15 @@ def test_limits_decode_only_what_is_used(folder, arrays):
 
 
 def test_ddp_ranks_see_disjoint_samples(folder):
-    from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler
+    from ddlab.data.samplers import EpochSeededRandomSampler
 
     dm = ButterfliesDataModule(path=str(folder), image_size=S, batch_size=1, hflip=False)
     dm.setup("fit")
-    dl = torch.utils.data.DataLoader(dm.train_set, batch_size=1, shuffle=True)
     shards = []
-    for rank in (0, 1):
-        sampler = _get_distributed_sampler(dl, shuffle=True, overfit_batches=0, num_replicas=2, rank=rank, seed=7)
+    for rank in (0, 1):  # the training sampler under 2-process DDP
+        sampler = EpochSeededRandomSampler(len(dm.train_set), seed=7, num_replicas=2, rank=rank)
         sampler.set_epoch(3)
-        shards.append([dm.train_set[i][0].numpy().tobytes() for i in sampler])
+        shards.append([dm.train_set[k][0].numpy().tobytes() for k in sampler])
     assert len(shards[0]) == len(shards[1]) == 3
     assert not set(shards[0]) & set(shards[1])
     assert len(set(shards[0]) | set(shards[1])) == 6
@@ -214,3 +207,15 @@ def test_config_composes_and_instantiates_without_reading(tmp_path):
     dm.setup("fit")
     assert dm.resolved_source() == "folder" and dm.train_set[0][0].shape == (3, 16, 16)
     pickle.loads(pickle.dumps(dm.train_set))  # picklable for spawned workers
+
+
+def test_bad_file_is_named_before_training_or_skipped_and_counted(folder, caplog):
+    (folder / "a" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    dm = ButterfliesDataModule(path=str(folder), source="folder", image_size=S, batch_size=2)
+    with pytest.raises(ValueError, match=r"zz_broken.png.*data.on_bad_file=skip"):
+        dm.setup("fit")
+    dm = ButterfliesDataModule(path=str(folder), source="folder", image_size=S, batch_size=2, on_bad_file="skip")
+    with caplog.at_level("WARNING"):
+        dm.setup("fit")
+    assert len(dm.train_set) == 6 and len(dm.skipped_files) == 1 and dm.skipped_files[0].endswith("zz_broken.png")
+    assert sum("zz_broken.png" in r.getMessage() for r in caplog.records) == 1  # one warning per file

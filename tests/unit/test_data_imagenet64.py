@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-import ddlab.data.imagenet64 as in64
+import ddlab.data.prepare as in64  # the one-off conversion lives in ddlab.data.prepare
 from ddlab.data import ImageNet64DataModule, open_split, prepare_imagenet64
 from ddlab.data.prepare import main as prepare_main
 from tests.conftest import SHARED_DATA, compose
@@ -155,16 +155,18 @@ def test_class_folders(tmp_path):
 
 
 def test_ddp_ranks_see_disjoint_samples(tmp_path, raw):
+    from ddlab.data.samplers import EpochSeededRandomSampler
+
     src = tmp_path / "src"
     src.mkdir()
     write_npz(src, raw)
     dm = ImageNet64DataModule(path=str(src), cache_dir=str(tmp_path / "c"), image_size=R, num_classes=4, hflip=False)
     dm.setup("fit")
     shards = []
-    for rank in (0, 1):  # the sampler Lightning inserts under DDP
-        sampler = torch.utils.data.DistributedSampler(dm.train_set, num_replicas=2, rank=rank, shuffle=True, seed=0)
+    for rank in (0, 1):  # the training sampler under 2-process DDP
+        sampler = EpochSeededRandomSampler(len(dm.train_set), seed=0, num_replicas=2, rank=rank)
         sampler.set_epoch(1)
-        shards.append({dm.train_set[i][0].numpy().tobytes() for i in sampler})
+        shards.append({dm.train_set[k][0].numpy().tobytes() for k in sampler})
     assert len(shards[0]) == len(shards[1]) == 4 and not shards[0] & shards[1]
 
 
@@ -216,6 +218,7 @@ def test_truncated_pickle_names_file(tmp_path, raw):
     with pytest.raises(ValueError, match="train_data_batch_2.*corrupt or truncated"):
         prepare_imagenet64(tmp_path, tmp_path / "c", image_size=R)
     assert not (tmp_path / "c" / "meta.json").exists()  # no half-valid cache left behind
+    assert not [p.name for p in (tmp_path / "c").iterdir() if "tmp" in p.name]  # and no temporary file
 
 
 def test_wrong_array_shapes_name_file(tmp_path):
@@ -250,8 +253,14 @@ def test_unreadable_folder_image_names_file(tmp_path):
         (tmp_path / split / "n01").mkdir(parents=True)
         Image.fromarray(np.zeros((R, R, 3), np.uint8)).save(tmp_path / split / "n01" / "ok.png")
     (tmp_path / "train" / "n01" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    with pytest.raises(ValueError, match="broken.png"):
+    with pytest.raises(ValueError, match="broken.png.*data.on_bad_file=skip"):
         prepare_imagenet64(tmp_path, tmp_path / "c", image_size=R)
+    assert not [p.name for p in (tmp_path / "c").iterdir() if "tmp" in p.name]  # no temporary file left
+    dm = ImageNet64DataModule(path=str(tmp_path), cache_dir=str(tmp_path / "c"), image_size=R, num_classes=1, on_bad_file="skip")
+    dm.setup("fit")
+    assert len(dm.train_set) == 1 and dm.skipped_files == ["train/n01/broken.png"]
+    with pytest.raises(ValueError, match="data.on_bad_file='ignore': choose from error, skip"):
+        ImageNet64DataModule(path=str(tmp_path), on_bad_file="ignore")
 
 
 def test_config_composes_and_instantiates_without_reading(tmp_path):

@@ -57,7 +57,9 @@ def ref_window_self_attention(x, mod, window, heads):
 def test_block_shapes_and_gradients(name):
     torch.manual_seed(0)
     c_in = 16 if name in ("res", "conv") else 8
-    blk = perturb(BLOCKS[name](c_in, 8, E, resolution=8, window_size=4, num_heads=2))
+    from ddlab.models.blocks import options_for
+
+    blk = perturb(BLOCKS[name](c_in, 8, E, **options_for(BLOCKS[name], dict(resolution=8, window_size=4, num_heads=2))))
     x = torch.randn(2, c_in, 8, 8, requires_grad=True)
     emb, cls = torch.randn(2, E), torch.randn(2, E)
     out = blk(x, emb, cls)
@@ -371,3 +373,23 @@ def test_time_embedding_is_smooth_lipschitz_bound():
     assert ((out[1:] - out[:-1]).norm(dim=1)).max() <= bound
     # and not constant: distant timesteps are farther apart than neighbours
     assert (out[0] - out[-1]).norm() > 2 * (out[1:] - out[:-1]).norm(dim=1).mean()
+
+
+def test_blocks_refuse_options_they_do_not_take():
+    with pytest.raises(TypeError, match="window_size"):
+        BLOCKS["res"](8, 8, E, window_size=4)
+
+
+def test_misspelt_model_option_is_refused_naming_it_and_the_valid_ones():
+    import pytest
+
+    from ddlab.models import UNet
+    from tests.conftest import compose
+
+    with pytest.raises(ValueError, match=r"unknown option\(s\) 'chanels'; valid options: image_size.*base_channels.*window_size"):
+        UNet(image_size=8, in_channels=1, base_channels=8, channel_mult=(1,), chanels=64)
+    from hydra.utils import instantiate
+
+    cfg = compose(["+model.chanels=64"])  # Hydra's own hint for a key the preset lacks
+    with pytest.raises(Exception, match="chanels"):
+        instantiate(cfg.model)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .samplers import EpochSeededRandomSampler
+from .samplers import EpochSeededRandomSampler, ResumableDataLoader, item_index
 
 
 class TensorImageDataset(Dataset):
@@ -28,7 +28,8 @@ class TensorImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        i, _ = item_index(key)
         x = self.images[i]
         if self.transform is not None:
             x = self.transform(x)
@@ -41,7 +42,8 @@ class ImageDataModule(pl.LightningDataModule):
 
     Exposes ``image_size``, ``channels`` and ``num_classes`` for the model config.
     ``batch_size`` is per device: the global batch is ``batch_size * devices * num_nodes *
-    accumulate_grad_batches``. Under DDP Lightning inserts a seeded ``DistributedSampler``.
+    accumulate_grad_batches``. The training loader is a :class:`ResumableDataLoader` over an
+    :class:`EpochSeededRandomSampler` (also under DDP): its position travels in the checkpoint.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class ImageDataModule(pl.LightningDataModule):
         limit: Optional[int] = None,
         val_limit: Optional[int] = None,
         drop_last: bool = True,
+        on_bad_file: str = "error",
     ):
         super().__init__()
         if int(batch_size) < 1:
@@ -74,6 +77,10 @@ class ImageDataModule(pl.LightningDataModule):
         self.limit = limit
         self.val_limit = val_limit
         self.drop_last = drop_last
+        from .images import check_on_bad_file
+
+        self.on_bad_file = check_on_bad_file(on_bad_file)
+        self.skipped_files: list[str] = []  # image files that could not be decoded (on_bad_file=skip)
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
         self._split = "train"
@@ -100,23 +107,17 @@ class ImageDataModule(pl.LightningDataModule):
             self._split = "train"
 
     def _loader(self, ds: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
-        sampler = None
-        distributed = self.trainer is not None and self.trainer.world_size > 1
-        if shuffle and not distributed:
-            # order = f(seed, epoch): exact resume at epoch boundaries (under DDP Lightning's
-            # DistributedSampler, seeded the same way, takes over)
-            sampler = EpochSeededRandomSampler(len(ds), seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
-            shuffle = False
-        return DataLoader(
-            ds,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-            drop_last=drop_last and len(ds) >= self.batch_size,
-        )
+        kwargs = dict(batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                      persistent_workers=self.persistent_workers, drop_last=drop_last and len(ds) >= self.batch_size)
+        if not shuffle:  # evaluation: Lightning inserts its DistributedSampler under DDP
+            return DataLoader(ds, shuffle=False, **kwargs)
+        # the training order is f(seed, epoch), split across ranks, and resumable at any batch; the
+        # loader's own generator (worker seeds) keeps data loading off the global RNG
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        sampler = EpochSeededRandomSampler(len(ds), seed=seed, num_replicas=world, rank=rank, drop_last=kwargs["drop_last"])
+        return ResumableDataLoader(ds, sampler=sampler, generator=torch.Generator().manual_seed(seed), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .base import ImageDataModule
-from .images import IMAGE_EXTENSIONS, ArrayImageDataset, decode_image, find_images, resize_center_crop
+from .images import IMAGE_EXTENSIONS, ArrayImageDataset, decode_or_skip, find_images, resize_center_crop
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,8 @@ def find_parquet(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*.parquet") if p.is_file()) if path.is_dir() else []
 
 
-def read_parquet_images(files: list[Path], image_size: int, limit: Optional[int] = None) -> np.ndarray:
+def read_parquet_images(files: list[Path], image_size: int, limit: Optional[int] = None, on_bad_file: str = "error",
+                        skipped: Optional[list] = None) -> np.ndarray:
     """Decode the ``image`` column (dicts with encoded PNG/JPEG ``bytes``, as the Hugging Face
     ``datasets`` library writes it) of each parquet file. Returns ``(N, 3, S, S) uint8``."""
     import pyarrow.parquet as pq
@@ -47,17 +48,22 @@ def read_parquet_images(files: list[Path], image_size: int, limit: Optional[int]
             data = cell.get("bytes") if isinstance(cell, dict) else cell
             if not isinstance(data, (bytes, bytearray)) or not data:
                 raise ValueError(f"{f}: row {row} of the `image` column holds no encoded image bytes")
-            out.append(resize_center_crop(decode_image(bytes(data), name=f"{f} (row {row})"), image_size))
+            img = decode_or_skip(bytes(data), on_bad_file, skipped if skipped is not None else [], name=f"{f} (row {row})")
+            if img is None:
+                continue
+            out.append(resize_center_crop(img, image_size))
             if limit is not None and len(out) >= limit:
                 return np.stack(out)
     return np.stack(out) if out else np.zeros((0, 3, image_size, image_size), np.uint8)
 
 
-def read_folder_images(files: list[Path], image_size: int) -> np.ndarray:
-    """Decode, resize and center-crop image files. Returns ``(N, 3, S, S) uint8``."""
-    if not files:
-        return np.zeros((0, 3, image_size, image_size), np.uint8)
-    return np.stack([resize_center_crop(decode_image(p), image_size) for p in files])
+def read_folder_images(files: list[Path], image_size: int, on_bad_file: str = "error", skipped: Optional[list] = None) -> np.ndarray:
+    """Decode, resize and center-crop image files. Returns ``(N, 3, S, S) uint8``; files that cannot
+    be decoded raise (``on_bad_file='error'``) or are left out and listed in ``skipped`` (``'skip'``)."""
+    skipped = skipped if skipped is not None else []
+    images = [decode_or_skip(p, on_bad_file, skipped) for p in files]
+    out = [resize_center_crop(img, image_size) for img in images if img is not None]
+    return np.stack(out) if out else np.zeros((0, 3, image_size, image_size), np.uint8)
 
 
 def load_hub_images(name: str, image_size: int, cache_dir: Optional[str], limit: Optional[int]) -> np.ndarray:
@@ -146,7 +152,7 @@ class ButterfliesDataModule(ImageDataModule):
             files = find_parquet(self.path)
             if not files:
                 raise FileNotFoundError(self._missing(f"no .parquet file at or below {self.path}"))
-            images = read_parquet_images(files, self.image_size, cap)
+            images = read_parquet_images(files, self.image_size, cap, self.on_bad_file, self.skipped_files)
             where = f"{len(files)} parquet file(s) in {self.path}"
         else:
             if not self.path.is_dir():
@@ -154,11 +160,13 @@ class ButterfliesDataModule(ImageDataModule):
             files = find_images(self.path)
             if cap is not None:
                 files = files[:cap]
-            images = read_folder_images(files, self.image_size)
+            images = read_folder_images(files, self.image_size, self.on_bad_file, self.skipped_files)
             where = f"{self.path} (folder)"
         if len(images) == 0:
             raise ValueError(f"no images found in {where} (looked for {', '.join(IMAGE_EXTENSIONS)} files or parquet `image` rows)")
         log.info("butterflies: %d images from %s at %d px", len(images), where, self.image_size)
+        if self.skipped_files:
+            log.warning("butterflies: skipped %d file(s) that could not be decoded (data.on_bad_file=skip)", len(self.skipped_files))
         self._images = images
         return images
 

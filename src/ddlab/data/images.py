@@ -6,6 +6,7 @@ Shared by the butterflies and ImageNet-64 data modules.
 from __future__ import annotations
 
 import io
+import logging
 import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -13,6 +14,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from .samplers import item_index
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -45,6 +48,29 @@ def decode_image(source: Union[str, os.PathLike, bytes], name: Optional[str] = N
         raise ValueError(f"cannot decode image {label}: {e} (corrupt or not an image; remove or replace it)") from e
 
 
+ON_BAD_FILE = ("error", "skip")
+
+
+def check_on_bad_file(value: str) -> str:
+    if value not in ON_BAD_FILE:
+        raise ValueError(f"data.on_bad_file={value!r}: choose from {', '.join(ON_BAD_FILE)}")
+    return value
+
+
+def decode_or_skip(source, on_bad_file: str, skipped: list, name: Optional[str] = None):
+    """:func:`decode_image`, or ``None`` with one warning when ``on_bad_file='skip'`` and the file cannot
+    be decoded (its name is appended to ``skipped``). With ``'error'`` the ``ValueError`` names the file."""
+    try:
+        return decode_image(source, name=name)
+    except ValueError as e:
+        if on_bad_file != "skip":
+            raise ValueError(f"{e}; or set data.on_bad_file=skip to train without it") from None
+        label = name or str(source)
+        logging.getLogger("ddlab.data").warning("skipping %s (data.on_bad_file=skip): %s", label, e)
+        skipped.append(label)
+        return None
+
+
 def resize_center_crop(img, size: int) -> np.ndarray:
     """Resize an RGB ``PIL.Image`` so its shorter side is ``size`` (bicubic, antialiased), then crop
     the central ``size x size`` square. Returns ``(3, size, size) uint8``.
@@ -74,8 +100,10 @@ class ArrayImageDataset(Dataset):
     array or tensor, or a read-only ``np.memmap`` — nothing is loaded until an item is asked for)
     and ``labels (N,) int``.
 
-    Item ``i`` is ``(x: (C, H, W) float32 in [-1, 1], y: int)``; with ``hflip`` a random half of the
-    items are mirrored left-right (torch's RNG: seeded by ``seed_everything`` and per worker).
+    Item ``i`` is ``(x: (C, H, W) float32 in [-1, 1], y: int)``. Keys may be ``(i, coin)`` pairs from
+    :class:`~ddlab.data.samplers.EpochSeededRandomSampler`; with ``hflip`` an item is mirrored
+    left-right when its coin is 1 (a seeded draw per image and epoch, so resumes and worker counts
+    do not change which images are flipped). Plain integer keys are never flipped.
     """
 
     def __init__(self, images, labels: Sequence[int], hflip: bool = False, name: str = "data set"):
@@ -107,10 +135,11 @@ class ArrayImageDataset(Dataset):
             state["images"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape)
         self.__dict__.update(state)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        i, coin = item_index(key)
         x = self.images[i]
         x = x.clone() if torch.is_tensor(x) else torch.from_numpy(np.array(x, dtype=np.uint8))
         x = uint8_to_float(x)
-        if self.hflip and torch.rand(()) < 0.5:
+        if self.hflip and coin:
             x = x.flip(-1)
         return x, int(self.labels[i])

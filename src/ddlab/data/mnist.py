@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -64,12 +65,17 @@ def load_mnist(data_dir: str | os.PathLike, split: str, download: bool = False) 
         raise ValueError(f"MNIST split must be 'train' or 'test', got {split!r}")
     d = find_mnist_dir(data_dir)
     if d is None and download:
+        root = Path(data_dir)
+        missing = [p for p in (root, *root.parents) if not p.exists()]  # the download creates these
+        created = missing[-1] if missing else (None if (root / "MNIST").exists() else root / "MNIST")
         try:
             from torchvision.datasets import MNIST
 
             MNIST(str(data_dir), train=True, download=True)
             MNIST(str(data_dir), train=False, download=True)
         except Exception as e:  # network errors vary by platform
+            if created is not None:  # leave no empty or half-filled folders behind
+                shutil.rmtree(created, ignore_errors=True)
             raise FileNotFoundError(_missing_message(data_dir, f"download failed: {e}")) from e
         d = find_mnist_dir(data_dir)
     if d is None:

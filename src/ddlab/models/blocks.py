@@ -17,6 +17,26 @@ import torch.nn.functional as F
 from torch import nn
 
 BLOCKS: dict[str, Callable[..., nn.Module]] = {}
+_POSITIONAL = ("in_channels", "out_channels", "emb_dim")
+
+
+def block_options(cls) -> set[str]:
+    """The keyword options a block constructor takes (beyond ``in_channels, out_channels, emb_dim``)."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name for p in params if p.name not in ("self", *_POSITIONAL) and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def options_for(cls, options: dict) -> dict:
+    """The subset of the U-Net-wide block ``options`` that block class ``cls`` uses."""
+    known = block_options(cls)
+    return {k: v for k, v in options.items() if k in known}
+
+
+def all_block_options() -> set[str]:
+    """Every option some registered block takes (what ``model.<option>`` may name besides the U-Net's own)."""
+    return set().union(*(block_options(c) for c in BLOCKS.values()))
 
 
 def register_block(name: str):
@@ -72,7 +92,6 @@ class ResBlock(nn.Module):
         dropout: float = 0.0,
         use_scale_shift_norm: bool = True,
         updown: str | None = None,
-        **_,
     ):
         super().__init__()
         if updown not in (None, "up", "down"):
@@ -142,7 +161,6 @@ class ConvNeXtBlock(nn.Module):
         dropout: float = 0.0,
         use_scale_shift_norm: bool = True,
         conv_expansion: int = 4,
-        **_,
     ):
         super().__init__()
         if conv_expansion < 1:
@@ -253,7 +271,7 @@ class AttentionBlock(nn.Module):
     ``(B, C, H, W) -> (B, C, H, W)``. Keys: ``window_size`` (null = global), ``num_heads`` or
     ``head_channels``. Time and class embeddings are not used."""
 
-    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, resolution: int = 0, window_size: int | None = 8, num_heads: int = 4, head_channels: int | None = None, **_):
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, resolution: int = 0, window_size: int | None = 8, num_heads: int = 4, head_channels: int | None = None):
         super().__init__()
         if in_channels != out_channels:
             raise ValueError("model.blocks: 'atn' keeps the channel count; put 'res' or 'conv' first in the list")
@@ -286,7 +304,6 @@ class ClassAttentionBlock(nn.Module):
         num_heads: int = 4,
         head_channels: int | None = None,
         class_tokens: int = 4,
-        **_,
     ):
         super().__init__()
         if in_channels != out_channels:
@@ -333,7 +350,7 @@ class ChannelAttentionBlock(nn.Module):
     ``out[b, c] = x[b, c] * 2 * sigmoid(sum_j w_j * mean(x[b, c + j - k//2]))`` (zero-padded across
     channels). ``(B, C, H, W) -> (B, C, H, W)``; embeddings are not used."""
 
-    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, **_):
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int):
         super().__init__()
         if in_channels != out_channels:
             raise ValueError("model.blocks: 'chnAtn' keeps the channel count; put 'res' or 'conv' first in the list")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .blocks import BLOCKS, Downsample, ResBlock, Upsample, norm, zero_module
+from .blocks import BLOCKS, Downsample, ResBlock, Upsample, all_block_options, norm, options_for, zero_module
 from .embeddings import ClassEmbedding, TimeEmbedding
 
 # Blocks that may change the channel count (they start every unit).
@@ -28,7 +28,8 @@ class Unit(nn.Module):
         layers = []
         for i, name in enumerate(names):
             c_in = in_channels if i == 0 else out_channels
-            layers.append(BLOCKS[name](c_in, out_channels, emb_dim, resolution=resolution, **block_kwargs))
+            cls = BLOCKS[name]
+            layers.append(cls(c_in, out_channels, emb_dim, **options_for(cls, dict(resolution=resolution, **block_kwargs))))
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x, emb, cls):
@@ -95,6 +96,7 @@ class UNet(nn.Module):
         **block_kwargs,
     ):
         super().__init__()
+        self._check_options(block_kwargs)
         blocks = list(blocks)
         channel_mult = [int(m) for m in channel_mult]
         factor = 2 ** (len(channel_mult) - 1) if channel_mult else 1
@@ -127,10 +129,10 @@ class UNet(nn.Module):
             return [b for b in blocks if b not in ("atn", "clsAtn")]
 
         def down_op(ch):
-            return ResBlock(ch, ch, emb_dim, updown="down", **kw) if resblock_updown else Downsample(ch)
+            return ResBlock(ch, ch, emb_dim, updown="down", **options_for(ResBlock, kw)) if resblock_updown else Downsample(ch)
 
         def up_op(ch):
-            return ResBlock(ch, ch, emb_dim, updown="up", **kw) if resblock_updown else Upsample(ch)
+            return ResBlock(ch, ch, emb_dim, updown="up", **options_for(ResBlock, kw)) if resblock_updown else Upsample(ch)
 
         ch = base_channels * channel_mult[0]
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
@@ -147,7 +149,7 @@ class UNet(nn.Module):
                 self.down.append(down_op(ch))
                 res //= 2
                 skip_channels.append(ch)
-        self.mid = nn.ModuleList([Unit(names_at(res), ch, ch, emb_dim, res, **kw), ResBlock(ch, ch, emb_dim, **kw)])
+        self.mid = nn.ModuleList([Unit(names_at(res), ch, ch, emb_dim, res, **kw), ResBlock(ch, ch, emb_dim, **options_for(ResBlock, kw))])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             out_ch = base_channels * mult
@@ -164,6 +166,20 @@ class UNet(nn.Module):
             raise ValueError(f"model.compile_mode: unknown mode {compile_mode!r}; choose from {', '.join(COMPILE_MODES)}")
         if compile:
             self.compile(mode=None if compile_mode == "default" else compile_mode)
+
+    @classmethod
+    def _check_options(cls, block_kwargs: dict) -> None:
+        """Options beyond the U-Net's own must be options of some block (``model.chanels`` is refused)."""
+        import inspect
+
+        block_opts = all_block_options() - {"resolution", "updown", "dropout", "use_scale_shift_norm"}
+        unknown = sorted(set(block_kwargs) - block_opts)
+        if unknown:
+            own = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "block_kwargs")]
+            raise ValueError(
+                f"model: unknown option(s) {', '.join(repr(k) for k in unknown)}; valid options: {', '.join(own)}, "
+                f"and for the blocks: {', '.join(sorted(block_opts))}"
+            )
 
     @staticmethod
     def _validate(image_size, in_channels, base_channels, channel_mult, blocks, num_blocks, num_classes, dropout, pad_input=False):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -50,7 +49,9 @@ class EMA(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step == 0 and trainer.ckpt_path is None:
             pl_module.ema_model.load_state_dict(pl_module.model.state_dict())
-        self._last_step = trainer.global_step
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_step = trainer.global_step  # restored by now (on_fit_start runs before the loops are restored)
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -127,16 +128,21 @@ class SampleGrid(Callback):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to ``<path>.tmp`` and renames it into place, so a kill during a save
-    leaves the previous file intact (``os.replace`` is atomic on POSIX and Windows)."""
+    """Writes each checkpoint through :func:`ddlab.io.atomic_write` (a temporary file in the same
+    folder, fsynced, renamed into place), so a kill or a failed write (disk full, a folder that became
+    read-only) leaves the previous file intact; such a failure stops the run with an ``OSError`` that
+    names the folder, the space the checkpoint needs and the space that is free."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        path = str(path)
-        tmp = f"{path}.tmp"
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        from ddlab.io import atomic_write, disk_error
+
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise disk_error(e, path) from e
+        with atomic_write(path, needed=_tensor_bytes(checkpoint)) as f:
+            torch.save(checkpoint, f)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         try:
@@ -145,6 +151,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
         except Exception as e:
             raise RuntimeError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}); use another file, e.g. an earlier step in the same folder") from e
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) checkpoint dict: about the size of its file."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 class RNGState(Callback):
@@ -200,17 +217,17 @@ class StepCheckpoint(Checkpoint):
     def state_key(self) -> str:
         return "StepCheckpoint"
 
-    def _save(self, trainer: pl.Trainer) -> None:
+    def _save(self, trainer: pl.Trainer, last_only: bool = False) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking:
             return
         step = trainer.global_step
         if step == self._last_step:
             return
         self._last_step = step
-        if self.every_n_steps and step % self.every_n_steps == 0 and self.keep != 0:
+        if not last_only and self.every_n_steps and step % self.every_n_steps == 0 and self.keep != 0:
             trainer.save_checkpoint(self.dirpath / f"step_{step:06d}.ckpt")
             self._prune(trainer)
-        if self.save_last:
+        if self.save_last or last_only:
             trainer.save_checkpoint(self.dirpath / "last.ckpt")
 
     def _prune(self, trainer) -> None:

@@ -44,15 +44,16 @@ def read_run_id(ckpt_path: Optional[str]) -> Optional[str]:
     return entry.get("run_id") if isinstance(entry, Mapping) else None
 
 
-def set_resume_id(logger_cfg: Optional[Any], ckpt_path: Optional[str]) -> Optional[str]:
+def set_resume_id(logger_cfg: Optional[Any], ckpt_path: Optional[str], fallback_id: Optional[str] = None) -> Optional[str]:
     """Give every W&B entry of ``logger_cfg`` (an OmegaConf dict of logger configs) the run id stored
-    in ``ckpt_path``, unless the user set ``logger.<name>.id`` explicitly. Returns the id used."""
+    in ``ckpt_path`` (else ``fallback_id``, e.g. derived from a fixed ``run_id``), unless the user set
+    ``logger.<name>.id`` explicitly. Returns the id used."""
     if not logger_cfg:
         return None
     entries = [v for v in logger_cfg.values() if v is not None and str(v.get("_target_", "")) in _WANDB_TARGETS]
     if not entries:
         return None
-    run_id = read_run_id(ckpt_path)
+    run_id = read_run_id(ckpt_path) or fallback_id
     if run_id is None:
         return None
     from omegaconf import open_dict
