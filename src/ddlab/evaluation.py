@@ -99,7 +99,9 @@ def build_sampler(cfg: Mapping, progress: bool = False):
 
 
 def sampler_name(sampler, cfg: Mapping) -> str:
-    return getattr(sampler, "name", None) or cfg.get("kind") or str(cfg.get("_target_", type(sampler).__name__)).rsplit(".", 1)[-1]
+    """The sampler's ``name`` if it has one, else its ``kind``, else the short name of its ``_target_``."""
+    return (getattr(sampler, "name", None) or getattr(sampler, "kind", None) or cfg.get("kind")
+            or str(cfg.get("_target_", type(sampler).__name__)).rsplit(".", 1)[-1])
 
 
 def describe_sampler(sampler, cfg: Mapping, guidance_scale: float) -> dict:
@@ -177,6 +179,8 @@ def generate_uint8(model: nn.Module, diffusion, sampler, n: int, batch_size: int
         raise ValueError(f"n and batch_size must be positive integers, got n={n}, batch_size={batch_size}")
     device = next(model.parameters()).device
     shape = (model.in_channels, model.image_size, model.image_size)
+    if labels is None:
+        guidance_scale = 1.0  # unconditional samples: no guidance
     out = []
     with tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for start in range(0, n, batch_size):
