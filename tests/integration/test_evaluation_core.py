@@ -64,34 +64,43 @@ def test_sampler_config_merges_overrides_and_replaces_on_another_target():
         ev.sampler_config(None, {"steps": 3})
 
 
-def test_three_bits_per_dim_paths_agree(run, tmp_path, inception_weights):
-    ckpt = run / "checkpoints" / "last.ckpt"
-    callback = json.loads((run / "metrics.json").read_text())  # val/bpd of the EMA weights saved in last.ckpt
-    rec = nll(compose([f"ckpt={ckpt}", f"out={tmp_path / 'nll'}", "n=4", "batch_size=4", "progress=false"], config_name="nll"))
-    fid = evaluate(compose([f"ckpt={ckpt}", "n=2", "batch_size=2", "bpd.n=4", "bpd.batch_size=2", "progress=false",
-                            f"fid.weights_path={inception_weights}", f"fid.cache_dir={tmp_path / 'cache'}", "fid.kid=false",
-                            "fid.isc=false", "reference.limit=4", f"out={tmp_path / 'fid'}"], config_name="fid"))
-    assert rec["bpd_clip_x0"] is True and rec["bpd_n"] == fid["bpd_n"] == 4
-    for k in ("bpd", "bpd_prior", "bpd_decoder", "bpd_vb"):
-        assert fid[k] == pytest.approx(rec[k], rel=1e-6, abs=1e-9), k  # another batch size: the same per-image noise
-        assert callback[f"val/{k}"] == pytest.approx(rec[k], rel=1e-6, abs=1e-6), k
-    assert rec["bpd"] == pytest.approx(rec["bpd_prior"] + rec["bpd_vb"] + rec["bpd_decoder"], rel=1e-6)
-    # no global reseeding: the global RNG stream is where it was
-    state = torch.get_rng_state()
-    nll(compose([f"ckpt={ckpt}", f"out={tmp_path / 'nll2'}", "n=2", "batch_size=2", "progress=false"], config_name="nll"))
-    assert torch.equal(state, torch.get_rng_state())
-
-
-def test_sample_and_fid_draw_the_same_images(run, tmp_path, inception_weights):
+@pytest.mark.slow
+def test_sample_fid_nll_and_callbacks_agree(run, tmp_path, inception_weights):
+    """One checkpoint, one seed: ddlab.fid draws the images ddlab.sample draws, and its bits/dim equal
+    ddlab.nll's and the val/bpd callback's (three batch sizes: 4, 2 and the callback's 4)."""
     ckpt = run / "checkpoints" / "last.ckpt"
     s = _sample(ckpt, tmp_path / "s", "n=6", "batch_size=4", "seed=3")
-    evaluate(compose([f"ckpt={ckpt}", "n=6", "batch_size=4", "seed=3", "progress=false", f"fid.weights_path={inception_weights}",
-                      f"fid.cache_dir={tmp_path / 'cache'}", "fid.kid=false", "fid.isc=false", "reference.limit=4",
-                      f"out={tmp_path / 'f'}"], config_name="fid"))
+    fid = evaluate(compose([f"ckpt={ckpt}", "n=6", "batch_size=4", "seed=3", "bpd.n=4", "bpd.batch_size=2", "progress=false",
+                            f"fid.weights_path={inception_weights}", f"fid.cache_dir={tmp_path / 'cache'}", "fid.kid=false",
+                            "fid.isc=false", "reference.limit=4", f"out={tmp_path / 'f'}"], config_name="fid"))
     with np.load(tmp_path / "f" / "samples.npz") as z:
         np.testing.assert_array_equal(z["arr_0"], s["images"])
         np.testing.assert_array_equal(z["arr_1"], s["labels"])
     assert sorted(np.bincount(s["labels"], minlength=10).tolist()) == [0] * 4 + [1] * 6  # balanced classes
+    assert fid["sampler"]["name"] == "dpmpp_2m" and fid["sampler"]["guidance_scale"] == 1.5
+
+    rec = nll(compose([f"ckpt={ckpt}", f"out={tmp_path / 'nll'}", "n=4", "batch_size=4", "seed=3", "progress=false"],
+                      config_name="nll"))
+    assert rec["bpd_clip_x0"] is True and rec["bpd_n"] == fid["bpd_n"] == 4
+    assert rec["bpd"] == pytest.approx(rec["bpd_prior"] + rec["bpd_vb"] + rec["bpd_decoder"], rel=1e-6)
+    seed0 = nll(compose([f"ckpt={ckpt}", f"out={tmp_path / 'nll0'}", "n=4", "batch_size=4", "progress=false"], config_name="nll"))
+    callback = json.loads((run / "metrics.json").read_text())  # val/bpd (seed 0) of the EMA weights saved in last.ckpt
+    for k in ("bpd", "bpd_prior", "bpd_decoder", "bpd_vb"):
+        assert fid[k] == pytest.approx(rec[k], rel=1e-6, abs=1e-9), k
+        assert callback[f"val/{k}"] == pytest.approx(seed0[k], rel=1e-6, abs=1e-6), k
+    assert seed0["bpd"] != rec["bpd"]  # the seed is used
+
+
+def test_bits_per_dim_leaves_the_global_rng_alone(run):
+    from ddlab.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    data = [(torch.rand(1, 32, 32) * 2 - 1, i) for i in range(3)]
+    state = torch.get_rng_state()
+    a = ev.bits_per_dim(loaded.model, loaded.diffusion, data, range(3), batch_size=2, seed=1)
+    assert torch.equal(state, torch.get_rng_state())
+    b = ev.bits_per_dim(loaded.model, loaded.diffusion, data, [2, 0], batch_size=1, seed=1)  # image i keeps its noise
+    assert b["bpd"].tolist() == pytest.approx([a["bpd"][2].item(), a["bpd"][0].item()], rel=1e-6)
 
 
 def test_fid_refuses_a_size_mismatch_before_any_compute(run, tmp_path):
