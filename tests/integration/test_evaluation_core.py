@@ -116,3 +116,14 @@ def test_fid_refuses_a_size_mismatch_before_any_compute(run, tmp_path):
     with pytest.raises(ValueError, match="channel"):
         np.savez(npz, arr_0=np.zeros((4, 32, 32, 3), np.uint8))
         evaluate(cfg)
+
+
+def test_reference_cache_with_another_feature_size_is_recomputed(tmp_path, caplog):
+    from ddlab.metrics import reference_stats, save_stats
+
+    feats = np.random.default_rng(0).normal(size=(5, 3))
+    save_stats(tmp_path / "k.npz", "k", np.zeros(4), np.eye(4), 5)  # a 4-d file where the extractor gives 3-d features
+    st = reference_stats("k", tmp_path, lambda: feats, feature_dim=3)
+    assert st.status == "corrupt" and st.mu.shape == (3,) and "3-d features" in caplog.text
+    np.testing.assert_allclose(st.mu, feats.mean(0))
+    assert reference_stats("k", tmp_path, lambda: 1 / 0, feature_dim=3).status == "hit"  # rewritten, then read back
