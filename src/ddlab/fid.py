@@ -44,16 +44,16 @@ def _inputs(cfg: DictConfig, device) -> dict:
 
     _check_args(cfg)
     inp: dict[str, Any] = {"images": None, "labels": None}
-    if cfg.samples is not None:
-        inp["images"], inp["labels"] = load_samples(cfg.samples), load_sample_labels(cfg.samples)
-        if len(inp["images"]) < 2:
-            raise ValueError(f"samples={cfg.samples}: {len(inp['images'])} image(s); FID needs at least 2")
     inp["loaded"] = load_checkpoint(cfg.ckpt, use_ema=bool(cfg.ema), device=device) if cfg.ckpt else None
     run_cfg = inp["loaded"].config if inp["loaded"] else None
     data = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") is not None else None
     inp["data_cfg"] = ev.data_config(data, run_cfg, cfg.reference.data_dir, cfg.reference.limit)
     if inp["data_cfg"] is None and cfg.reference.stats is None:
         raise ValueError("samples= without ckpt= needs the data set: add data=<name> (e.g. data=mnist) or reference.stats=file.npz")
+    if cfg.samples is not None:
+        inp["images"], inp["labels"] = load_samples(cfg.samples), load_sample_labels(cfg.samples)
+        if len(inp["images"]) < 2:
+            raise ValueError(f"samples={cfg.samples}: {len(inp['images'])} image(s); FID needs at least 2")
     inp["datamodule"] = instantiate(inp["data_cfg"]) if inp["data_cfg"] is not None else None
     if inp["images"] is not None:
         shape, key = inp["images"].shape[1:], f"samples={cfg.samples}"

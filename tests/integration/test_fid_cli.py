@@ -57,7 +57,7 @@ def test_fid_cli_on_checkpoint_then_on_its_npz(tmp_path, inception_weights, mnis
     train(cfg)
     ckpt = next((run / "checkpoints").glob("last*.ckpt"))
     out, cache = tmp_path / "fid", tmp_path / "cache"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     cmd = [sys.executable, "-m", "ddlab.fid", f"ckpt={ckpt}", "n=6", "batch_size=4", "sampler.steps=2", "sampler.guidance_scale=1.5",
            f"fid.weights_path={inception_weights}", f"fid.cache_dir={cache}", "fid.kid_subsets=3", "fid.prc=true", "reference.limit=8",
            "bpd.n=2", "progress=false", "torch_threads=2", f"hydra.run.dir={out}"]

@@ -80,7 +80,7 @@ def test_fid_in_training_single_process(tmp_path, inception_weights):
 @pytest.mark.ddp
 def test_fid_in_training_ddp_gloo(tmp_path, inception_weights):
     run, cache = tmp_path / "run", tmp_path / "cache"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "ddlab.train", *TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
            "trainer.max_epochs=1", "data.limit=64", f"callbacks.fid.weights_path={inception_weights}", f"callbacks.fid.cache_dir={cache}",
            "callbacks.fid.num_samples=9", "logger=csv", f"hydra.run.dir={run}", "torch_threads=1"]
