@@ -14,7 +14,7 @@ ARGS ?=
 # `make train`'s recipe (configs/experiment/); `make train EXPERIMENT=` trains the plain base config
 EXPERIMENT ?= mnist_cfg
 N ?= 50000
-STEPS ?= 50
+STEPS ?=
 GUIDANCE ?=
 
 .PHONY: install train test sample fid nll bench bench-gpu bench-quality classifier lint clean
@@ -33,13 +33,13 @@ train: install  ## the default 10-minute MNIST job, experiment=mnist_cfg (extra 
 test: install  ## the whole test suite
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-sample: install  ## make sample CKPT=path [ARGS="n=64 guidance_scale=3"]
+sample: install  ## make sample CKPT=path [ARGS="n=64 sampler.guidance_scale=3"] (the checkpoint's sampler unless overridden)
 	@test -n "$(CKPT)" || { echo "usage: make sample CKPT=path/to/last.ckpt"; exit 2; }
 	$(PY) -m ddlab.sample ckpt=$(CKPT) $(ARGS)
 
-fid: install  ## make fid CKPT=path [N=50000] [STEPS=50] [GUIDANCE=...]
+fid: install  ## make fid CKPT=path [N=50000] [STEPS=...] [GUIDANCE=...] (default: the checkpoint's sampler)
 	@test -n "$(CKPT)" || { echo "usage: make fid CKPT=path/to/last.ckpt [N=...] [STEPS=...] [GUIDANCE=...]"; exit 2; }
-	$(PY) -m ddlab.fid ckpt=$(CKPT) n=$(N) sampler.steps=$(STEPS) $(if $(GUIDANCE),sampler.guidance_scale=$(GUIDANCE),) $(ARGS)
+	$(PY) -m ddlab.fid ckpt=$(CKPT) n=$(N) $(if $(STEPS),sampler.steps=$(STEPS),) $(if $(GUIDANCE),sampler.guidance_scale=$(GUIDANCE),) $(ARGS)
 
 bench: install  ## speed and memory measurements (not tests)
 	$(PY) -m benchmarks.run $(ARGS)

@@ -82,7 +82,7 @@ def sample_ddlab(ckpt: str, n: int, steps: int | None, guidance: float | None, s
                  kind: str | None = None, guidance_batching: str = "auto") -> tuple[np.ndarray, np.ndarray, dict]:
     from ddlab.checkpoint import load_checkpoint
     from ddlab.diffusion.samplers import SAMPLERS, sampler_config
-    from ddlab.metrics.generate import balanced_labels, generate_uint8
+    from ddlab.evaluation import balanced_labels, generate_uint8
 
     loaded = load_checkpoint(ckpt, use_ema=True)
     scfg = sampler_config(loaded.config["sampler"], kind)  # `kind` switches the sampler
@@ -95,7 +95,7 @@ def sample_ddlab(ckpt: str, n: int, steps: int | None, guidance: float | None, s
     scfg["guidance_batching"] = guidance_batching
     sampler = SAMPLERS[name](**scfg, progress=False)
     scfg = {"kind": name, **scfg}  # the record names the sampler
-    labels = balanced_labels(n, loaded.model.num_classes, torch.Generator().manual_seed(seed))
+    labels = balanced_labels(n, loaded.model.num_classes, seed)
     t0 = time.perf_counter()
     images = generate_uint8(loaded.model, loaded.diffusion, sampler, n, batch_size, labels=labels, seed=seed, progress=True,
                             desc=f"ddlab {scfg['kind']}-{scfg['steps']}")
@@ -172,10 +172,10 @@ def sample_baseline(model, scheduler_config: dict, n: int, steps: int, guidance:
     from diffusers import DDIMScheduler
     from tqdm.auto import tqdm
 
-    from ddlab.metrics.generate import balanced_labels
+    from ddlab.evaluation import balanced_labels
 
     sched = DDIMScheduler.from_config(scheduler_config)
-    labels = balanced_labels(n, NULL_CLASS, torch.Generator().manual_seed(seed))
+    labels = balanced_labels(n, NULL_CLASS, seed)
     out = []
     t0 = time.perf_counter()
     for i, start in enumerate(tqdm(range(0, n, batch_size), desc=f"baseline ddim-{steps}", leave=False)):

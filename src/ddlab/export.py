@@ -49,7 +49,7 @@ def export(cfg: DictConfig) -> Path:
     return Path(out)
 
 
-@hydra.main(version_base="1.3", config_path="../../configs", config_name="export")
+@hydra.main(version_base="1.3", config_path=_config.CONFIG_PATH, config_name="export")
 def main(cfg: DictConfig) -> Any:
     export(cfg)
 

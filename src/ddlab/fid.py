@@ -1,166 +1,138 @@
-"""Sample-quality evaluation: ``python -m ddlab.fid ckpt=PATH n=... sampler.steps=...`` (Hydra).
+"""Sample-quality evaluation: ``python -m ddlab.fid ckpt=PATH n=... [sampler.steps=...]`` (Hydra).
 
-Samples with the checkpoint's EMA weights (classes balanced and shuffled for class-conditional
-models), or reads existing samples (``samples=DIR_or_npz``), and writes a JSON record with FID, KID,
-Inception Score (precision/recall when ``fid.prc=true``), bits/dim when ``bpd.n > 0``, the sampler
-settings, the number of samples and the reference statistics used.
+Samples with the checkpoint's EMA weights and its sampler and guidance (``sampler.*`` overrides
+keys, ``sampler=<name>`` picks another), with the same seeding rules as ``ddlab.sample`` (see
+:mod:`ddlab.evaluation`), or reads existing samples (``samples=DIR_or_npz``), and writes to ``out``:
+``fid.json`` (FID, KID, Inception Score, precision/recall when ``fid.prc=true``, bits/dim when
+``bpd.n > 0``, the sampler settings, the number of samples and the reference statistics used),
+``samples.npz`` and ``grid.png``. Every input is checked before any compute.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ddlab import config as _config  # noqa: F401  (registers resolvers)
-from ddlab import runtime
+from ddlab import evaluation as ev
 
 log = logging.getLogger("ddlab.fid")
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _data_config(cfg: DictConfig, run_cfg: dict | None) -> dict | None:
-    """The reference data config: ``data=...`` if given, else the training run's, with ``reference.*`` applied."""
-    if cfg.get("data") is not None:
-        data = OmegaConf.to_container(cfg.data, resolve=True)
-    elif run_cfg is not None:
-        data = dict(run_cfg["data"])
-    else:
-        return None
-    if "data_dir" in data and cfg.reference.data_dir is not None:
-        data["data_dir"] = str(cfg.reference.data_dir)
-    data["val_limit"] = cfg.reference.limit
-    data["limit"] = None  # else an unset val_limit falls back to the training run's data.limit
-    return data
-
-
-def _sampler(cfg: DictConfig, run_cfg: dict):
-    from hydra.utils import instantiate
-
-    from ddlab.diffusion.samplers import sampler_config
-
-    over = {k: v for k, v in OmegaConf.to_container(cfg.sampler, resolve=True).items() if v is not None}
-    base = sampler_config(run_cfg["sampler"], over.pop("kind", None))  # `kind` switches the sampler
-    base.update(over)
-    base["progress"] = False  # one bar over the batches instead
-    sampler = instantiate(base)
-    return sampler, {"kind": sampler.name, **{k: v for k, v in base.items() if k not in ("_target_", "progress")}}
-
-
-def bits_per_dim(model, diffusion, datamodule, n: int, batch_size: int, seed: int = 0, progress: bool = True) -> dict:
-    """Mean variational bound in bits/dim (and its prior / decoder parts) over the first ``n``
-    reference images; class-conditional models are conditioned on the true labels."""
-    from tqdm.auto import tqdm
-
-    ds = datamodule.reference_dataset()
-    n = min(int(n), len(ds))
-    device = next(model.parameters()).device
-    conditional = int(getattr(model, "num_classes", 0)) > 0
-    torch.manual_seed(seed)
-    totals: dict = {"total_bpd": [], "prior_bpd": [], "decoder_bpd": []}
-    for start in tqdm(range(0, n, batch_size), desc="bits/dim", disable=not progress, leave=False):
-        items = [ds[i] for i in range(start, min(start + batch_size, n))]
-        x = torch.stack([a for a, _ in items]).to(device)
-        y = torch.as_tensor([int(b) for _, b in items], device=device) if conditional else None
-        out = diffusion.calc_bpd_loop(lambda x_t, t, y_: model(x_t, t, y_), x, y=y, clip_x0=True, progress=False)
-        for k, acc in totals.items():
-            acc.append(out[k].double().cpu())
-    res = {k: float(torch.cat(v).mean()) for k, v in totals.items()}
-    return {"bpd": res["total_bpd"], "bpd_prior": res["prior_bpd"], "bpd_decoder": res["decoder_bpd"], "bpd_n": n,
-            "bpd_conditional": conditional}
-
-
-def evaluate(cfg: DictConfig) -> dict:
-    """Run the evaluation described by ``cfg`` (``configs/fid.yaml``); returns the JSON record."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.utils import instantiate
-
-    from ddlab.checkpoint import load_checkpoint
-    from ddlab.metrics import Evaluator, load_sample_labels, load_samples, save_samples_npz
-    from ddlab.metrics.generate import balanced_labels, generate_uint8
-
-    if cfg.get("torch_threads"):
-        torch.set_num_threads(int(cfg.torch_threads))
+def _check_args(cfg: DictConfig) -> None:
     if cfg.ckpt is None and cfg.samples is None:
         raise ValueError("nothing to evaluate: give ckpt=path/to/last.ckpt (to sample) or samples=DIR_or_npz")
     if cfg.samples is None and int(cfg.n) < 2:
         raise ValueError(f"n={cfg.n}: FID needs at least 2 samples")
     if int(cfg.bpd.n) > 0 and cfg.ckpt is None:
         raise ValueError("bpd.n > 0 needs a model: give ckpt=...")
-    device = _device(str(cfg.device))
-    runtime.apply(**(cfg.get("runtime") or {}), device=device)
-    out_dir = Path(cfg.paths.output_dir) if HydraConfig.initialized() else Path(cfg.output or "fid.json").parent
-    record: dict[str, Any] = {"ckpt": str(cfg.ckpt) if cfg.ckpt else None}
 
-    loaded = load_checkpoint(cfg.ckpt, use_ema=bool(cfg.use_ema), device=device) if cfg.ckpt else None
-    run_cfg = loaded.config if loaded else None
-    data_cfg = _data_config(cfg, run_cfg)
-    datamodule = instantiate(data_cfg) if data_cfg is not None else None
-    if datamodule is None and cfg.reference.stats is None:
+
+def _inputs(cfg: DictConfig, device) -> dict:
+    """Read and check every input (samples, checkpoint, data config, sizes) before any compute."""
+    from hydra.utils import instantiate
+
+    from ddlab.checkpoint import load_checkpoint
+    from ddlab.metrics import load_sample_labels, load_samples
+    from ddlab.metrics.samples import check_sample_size
+
+    _check_args(cfg)
+    inp: dict[str, Any] = {"images": None, "labels": None}
+    inp["loaded"] = load_checkpoint(cfg.ckpt, use_ema=bool(cfg.ema), device=device) if cfg.ckpt else None
+    run_cfg = inp["loaded"].config if inp["loaded"] else None
+    data = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") is not None else None
+    inp["data_cfg"] = ev.data_config(data, run_cfg, cfg.reference.data_dir, cfg.reference.limit)
+    if inp["data_cfg"] is None and cfg.reference.stats is None:
         raise ValueError("samples= without ckpt= needs the data set: add data=<name> (e.g. data=mnist) or reference.stats=file.npz")
-
-    evaluator = Evaluator(data_cfg, datamodule, cache_dir=cfg.fid.cache_dir, weights_path=cfg.fid.weights_path, device=device,
-                          batch_size=int(cfg.fid.batch_size), stats_path=cfg.reference.stats, kid=bool(cfg.fid.kid),
-                          isc=bool(cfg.fid.isc), prc=bool(cfg.fid.prc), kid_subsets=int(cfg.fid.kid_subsets),
-                          kid_subset_size=int(cfg.fid.kid_subset_size), progress=bool(cfg.progress),
-                          feature_extractor=str(cfg.fid.feature_extractor), classifier_path=cfg.fid.classifier_path)
-    evaluator.reference()  # fail on missing data / weights before sampling for an hour
-
-    t0 = time.perf_counter()
     if cfg.samples is not None:
-        images = load_samples(cfg.samples)
-        labels = load_sample_labels(cfg.samples)
-        record["samples"] = str(cfg.samples)
+        inp["images"], inp["labels"] = load_samples(cfg.samples), load_sample_labels(cfg.samples)
+        if len(inp["images"]) < 2:
+            raise ValueError(f"samples={cfg.samples}: {len(inp['images'])} image(s); FID needs at least 2")
+    inp["datamodule"] = instantiate(inp["data_cfg"]) if inp["data_cfg"] is not None else None
+    if inp["images"] is not None:
+        shape, key = inp["images"].shape[1:], f"samples={cfg.samples}"
     else:
-        sampler, settings = _sampler(cfg, run_cfg)
-        k = int(getattr(loaded.model, "num_classes", 0))
-        labels = balanced_labels(int(cfg.n), k, torch.Generator().manual_seed(int(cfg.seed)))
-        w = settings.get("guidance_scale", 1.0) if k else 1.0
-        images = generate_uint8(loaded.model, loaded.diffusion, sampler, int(cfg.n), int(cfg.batch_size), labels=labels,
-                                guidance_scale=w, seed=int(cfg.seed), progress=bool(cfg.progress))
-        settings["guidance_scale"] = w
-        record.update(sampler=settings, use_ema=bool(cfg.use_ema), global_step=loaded.global_step, seed=int(cfg.seed),
-                      sampling_seconds=round(time.perf_counter() - t0, 2))
-        if cfg.save_samples:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            record["samples"] = str(save_samples_npz(out_dir / "samples.npz", images, labels.numpy() if labels is not None else None))
-            _save_grid(images[:100], out_dir / "samples.png")
-    if len(images) < 2:
-        raise ValueError(f"{len(images)} sample(s): FID needs at least 2")
-    record.update(evaluator.evaluate(images, labels=None if labels is None else np.asarray(labels)))
-    if int(cfg.bpd.n) > 0:
-        record.update(bits_per_dim(loaded.model, loaded.diffusion, datamodule, int(cfg.bpd.n), int(cfg.bpd.batch_size),
-                                   seed=int(cfg.seed), progress=bool(cfg.progress)))
-    record["data"] = data_cfg.get("_target_") if data_cfg else None
-    record["feature_extractor"] = str(cfg.fid.feature_extractor)
+        m = inp["loaded"].model
+        shape, key = (m.image_size, m.image_size, m.in_channels), f"ckpt={cfg.ckpt}"
+        inp["sampler"] = ev.run_sampler(run_cfg.get("sampler"), OmegaConf.to_container(cfg.sampler, resolve=True),
+                                        int(getattr(m, "num_classes", 0)))
+    d = inp["data_cfg"] or {}
+    inp["resize"] = False
+    if "image_size" in d and "channels" in d:
+        inp["resize"] = check_sample_size(shape, (d["image_size"], d["channels"]), key, bool(cfg.resize))
+    return inp
 
-    path = Path(cfg.output) if cfg.output else out_dir / "fid.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+
+def _evaluator(cfg: DictConfig, inp: dict, device):
+    from ddlab.metrics import Evaluator
+
+    f = cfg.fid
+    return Evaluator(inp["data_cfg"], inp["datamodule"], cache_dir=f.cache_dir, weights_path=f.weights_path, device=device,
+                     batch_size=int(f.batch_size), stats_path=cfg.reference.stats, kid=bool(f.kid), isc=bool(f.isc),
+                     prc=bool(f.prc), kid_subsets=int(f.kid_subsets), kid_subset_size=int(f.kid_subset_size),
+                     progress=bool(cfg.progress), feature_extractor=str(f.feature_extractor), classifier_path=f.classifier_path)
+
+
+def _generate(cfg: DictConfig, inp: dict, record: dict, out_dir: Path) -> None:
+    loaded, (sampler, scfg, w) = inp["loaded"], inp["sampler"]
+    n, seed = int(cfg.n), int(cfg.seed)
+    labels = ev.make_labels(None, n, int(getattr(loaded.model, "num_classes", 0)), seed)
+    settings = ev.describe_sampler(sampler, scfg, w)
+    log.info("sampling %d images with %s (%s steps, guidance %.3g)", n, settings["name"], settings["steps"], w)
+    t0 = time.perf_counter()
+    inp["images"] = ev.generate_uint8(loaded.model, loaded.diffusion, sampler, n, int(cfg.batch_size), labels=labels,
+                                      guidance_scale=w, seed=seed, progress=bool(cfg.progress))
+    inp["labels"] = None if labels is None else labels.numpy()
+    record.update(sampler=settings, ema=bool(cfg.ema), global_step=loaded.global_step, seed=seed,
+                  sampling_seconds=round(time.perf_counter() - t0, 2))
+    if cfg.save_samples:
+        files = ev.save_samples(out_dir, inp["images"], labels, grid_limit=100)
+        record["samples"] = str(files["npz"])
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Run the evaluation described by ``cfg`` (``configs/fid.yaml``); returns the JSON record."""
+    from ddlab.metrics.samples import resize_uint8
+
+    device = ev.setup_runtime(str(cfg.device), cfg.get("torch_threads"), cfg.get("runtime"))
+    inp = _inputs(cfg, device)
+    out_dir = Path(cfg.out)
+    record: dict[str, Any] = {"ckpt": str(cfg.ckpt) if cfg.ckpt else None}
+    evaluator = _evaluator(cfg, inp, device)
+    evaluator.reference()  # fail on missing data / weights before sampling for an hour
+    if inp["images"] is None:
+        _generate(cfg, inp, record, out_dir)
+    else:
+        record["samples"] = str(cfg.samples)
+    images = inp["images"]
+    if inp["resize"]:
+        record["resized_from"] = list(images.shape[1:3])
+        images = resize_uint8(images, int(inp["data_cfg"]["image_size"]))
+    record.update(evaluator.evaluate(images, labels=inp["labels"]))
+    if int(cfg.bpd.n) > 0:
+        loaded, ds = inp["loaded"], inp["datamodule"].reference_dataset()
+        terms = ev.bits_per_dim(loaded.model, loaded.diffusion, ds, range(min(int(cfg.bpd.n), len(ds))), int(cfg.bpd.batch_size),
+                                seed=int(cfg.seed), progress=bool(cfg.progress))
+        record.update(ev.summarize_bpd(terms), bpd_conditional=int(getattr(loaded.model, "num_classes", 0)) > 0)
+    record["data"] = inp["data_cfg"].get("_target_") if inp["data_cfg"] else None
+    record["feature_extractor"] = str(cfg.fid.feature_extractor)
+    return _write(record, out_dir)
+
+
+def _write(record: dict, out_dir: Path) -> dict:
+    path = out_dir / "fid.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
     keys = ("fid", "kid_mean", "is_mean", "precision", "recall", "class_accuracy", "class_entropy", "bpd")
     summary = "  ".join(f"{k}={record[k]:.4g}" for k in keys if k in record)
     print(f"{summary}  (n={record['num_samples']}, reference {record['reference']['key']}) -> {path}")
     return record
-
-
-def _save_grid(images: np.ndarray, path: Path) -> None:
-    from torchvision.utils import save_image
-
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-    save_image(x, path, nrow=math.ceil(math.sqrt(len(x))), padding=2)
 
 
 @hydra.main(version_base="1.3", config_path=_config.CONFIG_PATH, config_name="fid")

@@ -93,7 +93,7 @@ def guarded(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         if value is None and name and _optimizing_sweep():
             raise ValueError(f"optimized_metric={name} was not logged by this run, so the sweeper gets no value; "
                              f"pick a metric the run logs (see its metrics.json), e.g. optimized_metric=val/mse, "
-                             f"or make sure it is computed (val/fid needs eval.every_n_epochs > 0)")
+                             f"or make sure it is computed (val/fid needs callbacks.fid.every_n_epochs > 0)")
         return value
     except Exception as e:
         if mode == "raise":

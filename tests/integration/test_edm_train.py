@@ -39,7 +39,7 @@ def test_every_unet_trains_under_edm(name, tmp_path):
 def test_bits_per_dim_callback_refuses_edm_before_training(tmp_path):
     from ddlab.training import BitsPerDim
 
-    with pytest.raises(ValueError, match="bits/dim is not defined for scheduler=edm.*bpd_every_n_epochs=0"):
+    with pytest.raises(ValueError, match="bits/dim is not defined for scheduler=edm.*callbacks.bpd.every_n_epochs=0"):
         BitsPerDim(every_n_epochs=1).on_fit_start(None, _module())
     BitsPerDim(every_n_epochs=0).on_fit_start(None, _module())  # off: nothing to refuse
 

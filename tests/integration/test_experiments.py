@@ -26,7 +26,7 @@ TINY = [
     "callbacks.progress_bar=null",
     "callbacks.sample_grid.n=2",
     "callbacks.sample_grid.every_n_steps=0",
-    "eval.every_n_epochs=0",
+    "callbacks.fid.every_n_epochs=0",
     "logger=csv",
 ]
 # data that is not on this machine under its own name: the shared offline stand-ins

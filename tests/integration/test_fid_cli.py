@@ -58,7 +58,7 @@ def test_fid_cli_on_checkpoint_then_on_its_npz(tmp_path, inception_weights, mnis
     train(cfg)
     ckpt = next((run / "checkpoints").glob("last*.ckpt"))
     out, cache = tmp_path / "fid", tmp_path / "cache"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     cmd = [sys.executable, "-m", "ddlab.fid", f"ckpt={ckpt}", "n=6", "batch_size=4", "sampler.steps=2", "sampler.guidance_scale=1.5",
            f"fid.weights_path={inception_weights}", f"fid.cache_dir={cache}", "fid.kid_subsets=3", "fid.prc=true", "reference.limit=8",
            "bpd.n=2", "progress=false", "torch_threads=2", f"hydra.run.dir={out}"]
@@ -67,7 +67,7 @@ def test_fid_cli_on_checkpoint_then_on_its_npz(tmp_path, inception_weights, mnis
     assert "fid=" in r.stdout
     rec = json.loads((out / "fid.json").read_text())
     assert rec["num_samples"] == 6 and rec["sampler"]["steps"] == 2 and rec["sampler"]["guidance_scale"] == 1.5
-    assert rec["sampler"]["kind"] == "ddim" and rec["use_ema"] is True
+    assert rec["sampler"]["name"] == "ddim" and rec["ema"] is True  # the checkpoint's sampler, steps and guidance overridden
     assert np.isfinite(rec["fid"]) and rec["fid"] > 0
     assert {"kid_mean", "kid_std", "is_mean", "precision", "recall"} <= rec.keys() and rec["kid_subset_size"] == 6
     assert rec["reference"]["key"].startswith("mnist-val-28px-1c-n8-") and rec["reference"]["cache"] == "miss"
@@ -79,11 +79,11 @@ def test_fid_cli_on_checkpoint_then_on_its_npz(tmp_path, inception_weights, mnis
     # the same samples as an npz, in-process: same images and reference -> same FID, and the cache is hit
     cfg2 = compose([f"ckpt={ckpt}", f"samples={out / 'samples.npz'}", f"fid.weights_path={inception_weights}",
                     f"fid.cache_dir={cache}", "fid.kid_subsets=3", "fid.prc=true", "reference.limit=8", "progress=false",
-                    f"output={tmp_path / 'again.json'}"], config_name="fid")
+                    f"out={tmp_path / 'again'}"], config_name="fid")
     rec2 = evaluate(cfg2)
     assert rec2["reference"]["cache"] == "hit" and rec2["num_samples"] == 6
     assert rec2["fid"] == pytest.approx(rec["fid"], rel=1e-6)
-    assert json.loads((tmp_path / "again.json").read_text())["fid"] == rec2["fid"]
+    assert json.loads((tmp_path / "again" / "fid.json").read_text())["fid"] == rec2["fid"]
 
 
     # `make fid` with the offline MNIST domain metric: same checkpoint, the Makefile's N / STEPS / GUIDANCE
@@ -92,20 +92,20 @@ def test_fid_cli_on_checkpoint_then_on_its_npz(tmp_path, inception_weights, mnis
     cnn = train_classifier(mnist_dir, tmp_path / "cnn.pt", epochs=1, limit=500, test_limit=100, progress=False)["path"]
     out3 = tmp_path / "make_fid"
     args = (f"fid.feature_extractor=mnist_cnn fid.classifier_path={cnn} fid.cache_dir={cache} reference.limit=8 "
-            f"batch_size=4 progress=false sampler.kind=dpmpp_2m hydra.run.dir={out3}")
+            f"batch_size=4 progress=false sampler=dpmpp_2m hydra.run.dir={out3}")
     r = subprocess.run(["make", "-s", "-o", str(ROOT / ".venv" / ".ddlab-installed"), f"PY={sys.executable}", "fid", f"CKPT={ckpt}",
                         "N=10", "STEPS=3", "GUIDANCE=2", f"ARGS={args}"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-4000:]
     rec3 = json.loads((out3 / "fid.json").read_text())
     assert rec3["feature_extractor"] == "mnist_cnn" and rec3["num_samples"] == 10
-    assert rec3["sampler"]["steps"] == 3 and rec3["sampler"]["guidance_scale"] == 2 and rec3["sampler"]["kind"] == "dpmpp_2m"
+    assert rec3["sampler"]["steps"] == 3 and rec3["sampler"]["guidance_scale"] == 2 and rec3["sampler"]["name"] == "dpmpp_2m"
     assert 0 <= rec3["class_accuracy"] <= 1 and rec3["reference"]["key"].split("-")[-2] == "mnist_cnn"
     assert "class_accuracy=" in r.stdout
 
 
 def test_fid_cli_errors_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="ckpt=.*samples="):
-        evaluate(compose([f"output={tmp_path / 'x.json'}"], config_name="fid"))
+        evaluate(compose([f"out={tmp_path}"], config_name="fid"))
     with pytest.raises(ValueError, match="data=<name>"):
-        evaluate(compose([f"samples={tmp_path}", f"output={tmp_path / 'x.json'}"], config_name="fid"))
+        evaluate(compose([f"samples={tmp_path}", f"out={tmp_path}"], config_name="fid"))

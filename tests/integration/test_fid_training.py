@@ -30,11 +30,11 @@ TINY = [
     "callbacks.sample_grid.every_n_steps=0",
     "callbacks.sample_grid.at_end=false",
     "module.lr_scheduler.warmup_steps=2",
-    "eval.every_n_epochs=1",
-    "eval.num_samples=10",
-    "eval.steps=2",
-    "eval.batch_size=8",
-    "eval.feature_batch_size=16",
+    "callbacks.fid.every_n_epochs=1",
+    "callbacks.fid.num_samples=10",
+    "callbacks.fid.steps=2",
+    "callbacks.fid.batch_size=8",
+    "callbacks.fid.feature_batch_size=16",
 ]
 
 
@@ -54,7 +54,7 @@ def _metrics_rows(run: Path) -> list:
 @pytest.mark.slow
 def test_fid_in_training_single_process(tmp_path, inception_weights):
     run, cache = tmp_path / "run", tmp_path / "cache"
-    cfg = compose(TINY + ["trainer.max_epochs=2", f"eval.weights_path={inception_weights}", f"eval.cache_dir={cache}",
+    cfg = compose(TINY + ["trainer.max_epochs=2", f"callbacks.fid.weights_path={inception_weights}", f"callbacks.fid.cache_dir={cache}",
                           "callbacks=best_fid"], output_dir=run)
     train(cfg)
     rows = _metrics_rows(run)
@@ -80,10 +80,10 @@ def test_fid_in_training_single_process(tmp_path, inception_weights):
 @pytest.mark.ddp
 def test_fid_in_training_ddp_gloo(tmp_path, inception_weights):
     run, cache = tmp_path / "run", tmp_path / "cache"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "ddlab.train", *TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-           "trainer.max_epochs=1", "data.limit=64", f"eval.weights_path={inception_weights}", f"eval.cache_dir={cache}",
-           "eval.num_samples=9", "logger=csv", f"hydra.run.dir={run}", "torch_threads=1"]
+           "trainer.max_epochs=1", "data.limit=64", f"callbacks.fid.weights_path={inception_weights}", f"callbacks.fid.cache_dir={cache}",
+           "callbacks.fid.num_samples=9", "logger=csv", f"hydra.run.dir={run}", "torch_threads=1"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-4000:]
     rows = _metrics_rows(run)
@@ -102,9 +102,9 @@ def test_domain_metric_kid_and_bits_per_dim_reach_wandb(tmp_path, mnist_dir):
 
     cnn = train_classifier(mnist_dir, tmp_path / "cnn.pt", epochs=1, limit=1000, test_limit=200, progress=False)["path"]
     run = tmp_path / "run"
-    cfg = compose(TINY + ["trainer.max_epochs=2", "eval.feature_extractor=mnist_cnn", f"eval.classifier_path={cnn}",
-                          f"eval.cache_dir={tmp_path / 'cache'}", "eval.kid=true", "eval.bpd_every_n_epochs=2",
-                          "eval.bpd_num_images=4", "logger=[csv,wandb]", "name=fid_wb"], output_dir=run)
+    cfg = compose(TINY + ["trainer.max_epochs=2", "callbacks.fid.feature_extractor=mnist_cnn", f"callbacks.fid.classifier_path={cnn}",
+                          f"callbacks.fid.cache_dir={tmp_path / 'cache'}", "callbacks.fid.kid=true", "callbacks.bpd.every_n_epochs=2",
+                          "callbacks.bpd.num_images=4", "logger=[csv,wandb]", "name=fid_wb"], output_dir=run)
     train(cfg)
     with open(run / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ddlab.metrics import write_random_weights
+from tests.inception_weights import write_random_weights
 from tests.conftest import ROOT
 
 TINY = ["model.base_channels=8", "model.channel_mult=[1,2]", "data.image_size=28", "scheduler.num_timesteps=10",

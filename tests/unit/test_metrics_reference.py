@@ -101,7 +101,7 @@ def test_weights_resolution(tmp_path, monkeypatch):
     monkeypatch.delenv(inception.ENV_WEIGHTS)
     monkeypatch.setattr(inception, "_online", lambda *a, **k: False)
     with pytest.raises(RuntimeError, match="offline.*DDLAB_INCEPTION_WEIGHTS"):
-        inception.resolve_weights(None, key="eval.weights_path")
+        inception.resolve_weights(None, key="callbacks.fid.weights_path")
     hub = tmp_path / "hub" / "checkpoints" / inception._url().rsplit("/", 1)[-1]
     hub.parent.mkdir(parents=True)
     hub.write_bytes(b"y")  # torch-fidelity's earlier download is found

@@ -165,7 +165,7 @@ class EDM:
     # ------------------------------------------------------------------ likelihood
     bits_per_dim_error = (
         "bits/dim is not defined for scheduler=edm in ddlab (its likelihood is the discrete variational bound of "
-        "GaussianDiffusion); turn it off with eval.bpd_every_n_epochs=0, and use ddlab.nll only on checkpoints "
+        "GaussianDiffusion); turn it off with callbacks.bpd.every_n_epochs=0, and use ddlab.nll only on checkpoints "
         "trained with a GaussianDiffusion scheduler (linear, cosine, cosine_v, cosine_learned)"
     )
 

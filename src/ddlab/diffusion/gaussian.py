@@ -316,10 +316,15 @@ class GaussianDiffusion:
         return mean_flat(normal_kl(mean, logvar, torch.zeros_like(mean), torch.zeros_like(logvar))) / math.log(2.0)
 
     @torch.no_grad()
-    def calc_bpd_loop(self, model_fn: ModelFn, x0: torch.Tensor, y=None, clip_x0: bool = False, progress: bool = False) -> dict:
+    def calc_bpd_loop(self, model_fn: ModelFn, x0: torch.Tensor, y=None, clip_x0: bool = False, progress: bool = False,
+                      generator=None) -> dict:
         """Full variational bound for a batch ``x0`` in bits/dim (Ho et al. eq. 5):
         ``total = prior + sum_{t>0} L_t + L_0``. Returns a dict of ``(B,)`` tensors (``total_bpd``,
-        ``prior_bpd``, ``decoder_bpd``, ``vb_sum``) and ``vb: (B, T)``. Costs T network calls."""
+        ``prior_bpd``, ``decoder_bpd``, ``vb_sum``) and ``vb: (B, T)``. Costs T network calls.
+        ``generator``: the forward-process noise source, a ``torch.Generator`` or a list of B (row
+        ``b`` drawn from ``generator[b]``); None draws from the global RNG."""
+        if isinstance(generator, (list, tuple)) and len(generator) != x0.shape[0]:
+            raise ValueError(f"calc_bpd_loop: {len(generator)} generators for a batch of {x0.shape[0]}")
         b = x0.shape[0]
         vbs, mses = [], []
         steps = range(self.num_timesteps - 1, -1, -1)
@@ -329,7 +334,12 @@ class GaussianDiffusion:
             steps = tqdm(steps, desc="bits/dim", leave=False)
         for i in steps:
             t = torch.full((b,), i, device=x0.device, dtype=torch.long)
-            noise = torch.randn_like(x0)
+            if generator is None:
+                noise = torch.randn_like(x0)
+            elif isinstance(generator, (list, tuple)):
+                noise = torch.stack([torch.randn(x0.shape[1:], generator=g, device=x0.device, dtype=x0.dtype) for g in generator])
+            else:
+                noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             x_t = self.q_sample(x0, t, noise)
             out = model_fn(x_t, self.scale_timesteps(t), y)
             vb, pred_x0 = self._vb_terms_bpd(out, x0, x_t, t, clip_x0)

@@ -35,6 +35,15 @@ def make_features(feature_extractor: str = "inception", weights_path: str | None
 
 log = logging.getLogger("ddlab.metrics")
 
+INCEPTION_DIM = 2048  # torch-fidelity's Inception-v3 pool features
+
+
+def feature_dim(features) -> int:
+    """The size of the FID feature vectors of an extractor built by :func:`make_features`."""
+    if features.kind == "classifier":
+        return int(features.record.get("config", {}).get("feature_dim", 128))
+    return INCEPTION_DIM
+
 
 def dataset_images_uint8(dataset, batch: int = 1024) -> np.ndarray:
     """All images of a ``(x in [-1, 1] (C, H, W), y)`` dataset as ``(N, H, W, C)`` uint8."""
@@ -86,7 +95,7 @@ class Evaluator:
             return self._ref
         need = self.kid or self.prc
         if self.stats_path:
-            st = load_stats(self.stats_path)
+            st = load_stats(self.stats_path, feature_dim=feature_dim(self.features))
             st.status = "given"
             if need and st.features is None:
                 raise ValueError(f"{self.stats_path} holds no per-image features; KID and precision/recall need them (or turn them off)")
@@ -99,7 +108,7 @@ class Evaluator:
             images = dataset_images_uint8(ds)
             return self.features.extract(images, progress=self.progress, desc="reference features")["fid"]
 
-        self._ref = reference_stats(key, self.cache_dir, compute, need_features=need)
+        self._ref = reference_stats(key, self.cache_dir, compute, need_features=need, feature_dim=feature_dim(self.features))
         return self._ref
 
     def evaluate(self, images, features: dict | None = None, labels=None) -> dict:

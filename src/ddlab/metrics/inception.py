@@ -1,7 +1,7 @@
 """Inception-v3 features through torch-fidelity (``inception-v3-compat``, the TF-FID network).
 
 Weights, in order of precedence: an explicit ``weights_path`` (``fid.weights_path=`` /
-``eval.weights_path=``), the ``DDLAB_INCEPTION_WEIGHTS`` environment variable, the file that
+``callbacks.fid.weights_path=``), the ``DDLAB_INCEPTION_WEIGHTS`` environment variable, the file that
 torch-fidelity's own download left in the torch hub cache, and finally torch-fidelity's download
 (only when the host is reachable; offline machines get an error that says how to provide the file).
 """

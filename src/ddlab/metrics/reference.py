@@ -3,8 +3,8 @@
 One ``.npz`` per (data set, split, resolution, number of images, data variant, feature extractor):
 ``<key>.npz`` holds ``key`` (the same string), ``mu (D,)``, ``sigma (D, D)`` float64 of the
 Inception pool features, ``num_images`` and, when KID / precision-recall ask for them,
-``features (N, D)`` float32 (a file without them is recomputed when they are needed). A file whose stored key differs from its name's (stale) or that cannot be read
-(corrupt, truncated) is recomputed and rewritten atomically.
+``features (N, D)`` float32 (a file without them is recomputed when they are needed). A file whose stored key differs from its name's (stale), that cannot be read
+(corrupt, truncated) or whose shapes do not fit the extractor's feature size (corrupt) is recomputed and rewritten atomically.
 """
 
 from __future__ import annotations
@@ -84,8 +84,10 @@ def save_stats(path: Path, key: str, mu: np.ndarray, sigma: np.ndarray, num_imag
     os.replace(tmp, path)
 
 
-def load_stats(path: str | os.PathLike, expected_key: str | None = None) -> ReferenceStats:
-    """Read a statistics file; raises ``ValueError`` on a corrupt file or a key mismatch."""
+def load_stats(path: str | os.PathLike, expected_key: str | None = None, feature_dim: int | None = None) -> ReferenceStats:
+    """Read a statistics file; raises ``ValueError`` on a corrupt file (unreadable, inconsistent shapes,
+    non-finite values, or a feature size other than the extractor's ``feature_dim``) and ``KeyError``
+    on a key mismatch."""
     p = Path(path)
     try:
         with np.load(p, allow_pickle=False) as z:
@@ -97,22 +99,28 @@ def load_stats(path: str | os.PathLike, expected_key: str | None = None) -> Refe
         raise ValueError(f"corrupt reference statistics {p}: {type(e).__name__}: {e}") from e
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ValueError(f"corrupt reference statistics {p}: mu {mu.shape}, sigma {sigma.shape} (or non-finite values)")
+    if feats is not None and (feats.ndim != 2 or feats.shape[1] != mu.shape[0]):
+        raise ValueError(f"corrupt reference statistics {p}: features {feats.shape} do not match mu {mu.shape}")
+    if feature_dim is not None and mu.shape[0] != int(feature_dim):
+        raise ValueError(f"corrupt reference statistics {p}: {mu.shape[0]}-d statistics, but the feature extractor "
+                         f"gives {int(feature_dim)}-d features")
     if expected_key is not None and key != expected_key:
         raise KeyError(f"stale reference statistics {p}: stored key {key!r}, expected {expected_key!r}")
     return ReferenceStats(key=key, mu=mu, sigma=sigma, num_images=n, features=feats, path=p, status="hit")
 
 
 def reference_stats(key: str, cache_dir: str | os.PathLike, compute_features: Callable[[], np.ndarray],
-                    need_features: bool = False) -> ReferenceStats:
+                    need_features: bool = False, feature_dim: int | None = None) -> ReferenceStats:
     """Load ``<cache_dir>/<key>.npz`` or compute it with ``compute_features() -> (N, D)`` and cache it.
 
     ``need_features=True`` (KID, precision/recall) also requires the per-image features in the file.
+    A file whose statistics are not ``feature_dim``-dimensional is corrupt: a warning, then recomputed.
     """
     path = Path(cache_dir) / f"{key}.npz"
     status = "miss"
     if path.is_file():
         try:
-            st = load_stats(path, expected_key=key)
+            st = load_stats(path, expected_key=key, feature_dim=feature_dim)
             if not need_features or st.features is not None:
                 log.info("reference statistics: cache hit %s", path)
                 return st

@@ -63,3 +63,31 @@ def save_samples_npz(path: str | os.PathLike, images: np.ndarray, labels: np.nda
         arrays["arr_1"] = np.asarray(labels, dtype=np.int64)
     np.savez(p, **arrays)
     return p
+
+
+def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
+    """Resize uint8 ``(N, H, W, C)`` images to ``size x size`` (bilinear with antialiasing, as
+    ``torchvision``'s ``Resize`` does), rounding back to uint8."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    y = F.interpolate(x, size=(int(size), int(size)), mode="bilinear", antialias=True, align_corners=False)
+    return y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def check_sample_size(shape: tuple, reference: tuple, key: str = "samples", resize: bool = False) -> bool:
+    """Compare sample ``(H, W, C)`` with the reference's ``(size, channels)``; returns True when the
+    samples must be resized (only with ``resize=True``), raises with both sizes otherwise."""
+    h, w, c = (int(v) for v in shape)
+    size, channels = (int(v) for v in reference)
+    if c != channels:
+        raise ValueError(f"{key}: the samples have {c} channel(s), the reference data {channels}; "
+                         "evaluate against a data set with the same channels (data=<name>)")
+    if (h, w) == (size, size):
+        return False
+    if not resize:
+        raise ValueError(f"{key}: the samples are {h}x{w} px, the reference images {size}x{size} px; FID across sizes is "
+                         f"not comparable. Evaluate against a {h} px data config (e.g. data.image_size={h}) or add resize=true "
+                         f"to resize the samples to {size} px")
+    return True

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import lightning.pytorch as pl
 import torch
@@ -76,16 +75,17 @@ class EMA(Callback):
 
 class SampleGrid(Callback):
     """Every ``every_n_steps`` optimizer steps and at the end of training, draw ``n`` samples with the
-    EMA weights and the configured sampler, save ``samples/step_NNNNNN.png`` in the run directory and
-    send the grid to the loggers that take images. Class-conditional models get labels
-    ``0, 1, ..., num_classes-1`` repeated (one class per column) and ``guidance_scale``."""
+    EMA weights and the run's sampler and guidance (through :mod:`ddlab.evaluation`, seed ``seed``),
+    save ``samples/step_NNNNNN.png`` in the run directory and send the grid to the loggers that take
+    images. Class-conditional models get labels ``0, 1, ..., num_classes-1`` repeated (one class per
+    column)."""
 
-    def __init__(self, dirpath: str, every_n_steps: int = 500, n: int = 64, guidance_scale: Optional[float] = None,
-                 seed: int = 0, at_end: bool = True):
+    def __init__(self, dirpath: str, every_n_steps: int = 500, n: int = 64, seed: int = 0, at_end: bool = True):
+        if every_n_steps < 0 or n < 1:
+            raise ValueError(f"callbacks.sample_grid.every_n_steps must be >= 0 and callbacks.sample_grid.n >= 1, got {every_n_steps}, {n}")
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
         self.n = n
-        self.guidance_scale = guidance_scale
         self.seed = seed
         self.at_end = at_end
         self._last_saved = -1
@@ -99,29 +99,34 @@ class SampleGrid(Callback):
         if self.at_end and trainer.global_step != self._last_saved:
             self.save(trainer, pl_module)
 
-    def labels(self, pl_module) -> Optional[torch.Tensor]:
-        k = pl_module.num_classes
-        return (torch.arange(self.n) % k).to(pl_module.device) if k else None
-
     @rank_zero_only
     def save(self, trainer, pl_module) -> Path:
-        from torchvision.utils import save_image
+        from ddlab import evaluation as ev
+        from ddlab.training.fid_callback import run_sampler
 
         step = trainer.global_step
         self._last_saved = step
-        g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        w = self.guidance_scale if pl_module.num_classes else 1.0
-        images = pl_module.sample(self.n, y=self.labels(pl_module), generator=g, guidance_scale=w)
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        path = self.dirpath / f"step_{step:06d}.png"
-        nrow = pl_module.num_classes if pl_module.num_classes and self.n % pl_module.num_classes == 0 else int(self.n**0.5)
-        save_image((images + 1) / 2, path, nrow=nrow, padding=2)
+        k = pl_module.num_classes
+        sampler = run_sampler(pl_module)
+        labels = ev.make_labels(list(range(min(k, self.n))), self.n, k) if k else None
+        w = float(sampler.guidance_scale) if k else 1.0
+        net = pl_module.ema_model
+        was_training = net.training
+        net.eval()
+        try:
+            images = ev.generate_uint8(net, pl_module.diffusion, sampler, self.n, self.n, labels=labels, guidance_scale=w, seed=self.seed)
+        finally:
+            net.train(was_training)
+        nrow = k if k and self.n % k == 0 else int(self.n**0.5)
+        path = ev.save_grid(images, self.dirpath / f"step_{step:06d}.png", nrow=nrow)
         for logger in trainer.loggers:
             exp = getattr(logger, "experiment", None)
-            if hasattr(exp, "add_image"):  # TensorBoard
-                from torchvision.utils import make_grid
+            if hasattr(exp, "add_image"):  # TensorBoard: the grid file as written
+                import numpy as np
+                from PIL import Image
 
-                exp.add_image("samples", make_grid((images + 1) / 2, nrow=nrow), step)
+                with Image.open(path) as im:
+                    exp.add_image("samples", np.asarray(im.convert("RGB")), step, dataformats="HWC")
             elif hasattr(logger, "log_image"):  # W&B
                 logger.log_image(key="samples", images=[str(path)], step=step, caption=[f"step {step}"])
         return path
@@ -250,16 +255,17 @@ class StepCheckpoint(Checkpoint):
 class BitsPerDim(Callback):
     """The variational bound of the EMA model in bits/dim (Ho et al. eq. 5, discretised decoder at
     t = 0) on the first ``num_images`` images of the data module's reference split, every
-    ``every_n_epochs`` epochs at the end of validation; logs ``val/bpd``, ``val/bpd_prior``,
-    ``val/bpd_decoder`` and ``val/bpd_vb`` (the sum of the t > 0 terms). Each image costs T network
-    calls, so keep ``num_images`` small; under DDP the images are split across ranks and the sums
-    reduced. Class-conditional models are conditioned on the true labels. ``every_n_epochs=0`` is off."""
+    ``every_n_epochs`` epochs at the end of validation, through :func:`ddlab.evaluation.bits_per_dim`
+    (the numbers of ``ddlab.nll n=<num_images>`` for the same ``seed``); logs ``val/bpd``,
+    ``val/bpd_prior``, ``val/bpd_decoder`` and ``val/bpd_vb`` (the sum of the t > 0 terms). Each
+    image costs T network calls, so keep ``num_images`` small; under DDP the images are split across
+    ranks and the sums reduced. Class-conditional models are conditioned on the true labels.
+    ``every_n_epochs=0`` is off. The training RNG is not touched (the noise has its own generators)."""
 
     def __init__(self, every_n_epochs: int = 0, num_images: int = 64, batch_size: int = 64, seed: int = 0):
         if every_n_epochs < 0 or num_images < 1 or batch_size < 1:
-            raise ValueError(
-                f"eval.bpd_every_n_epochs must be >= 0 and eval.bpd_num_images, batch size >= 1, got {every_n_epochs}, {num_images}, {batch_size}"
-            )
+            raise ValueError("callbacks.bpd.every_n_epochs must be >= 0 and callbacks.bpd.num_images, callbacks.bpd.batch_size "
+                             f">= 1, got {every_n_epochs}, {num_images}, {batch_size}")
         self.every_n_epochs, self.num_images, self.batch_size, self.seed = int(every_n_epochs), int(num_images), int(batch_size), int(seed)
         self._last_epoch = -1
 
@@ -269,33 +275,26 @@ class BitsPerDim(Callback):
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from ddlab import evaluation as ev
+
         if not self.every_n_epochs or trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         if trainer.current_epoch == self._last_epoch:
             return
         self._last_epoch = trainer.current_epoch
         ds = trainer.datamodule.reference_dataset()
-        mine = list(range(trainer.global_rank, min(self.num_images, len(ds)), trainer.world_size))
+        mine = range(trainer.global_rank, min(self.num_images, len(ds)), trainer.world_size)
         net = pl_module.ema_model
         was_training = net.training
         net.eval()
-        sums = torch.zeros(5, dtype=torch.float64, device=pl_module.device)  # total, prior, decoder, vb, count
-        state = torch.get_rng_state()
-        torch.manual_seed(self.seed + trainer.global_rank)  # the q_sample noise; the training RNG is restored below
         try:
-            for start in range(0, len(mine), self.batch_size):
-                items = [ds[i] for i in mine[start:start + self.batch_size]]
-                x = torch.stack([a for a, _ in items]).to(pl_module.device)
-                y = torch.as_tensor([int(b) for _, b in items], device=x.device) if pl_module.num_classes else None
-                out = pl_module.diffusion.calc_bpd_loop(lambda x_t, t, y_: net(x_t, t, y_), x, y=y, clip_x0=True)
-                for j, k in enumerate(("total_bpd", "prior_bpd", "decoder_bpd", "vb_sum")):
-                    sums[j] += out[k].double().sum()
-                sums[4] += len(items)
+            terms = ev.bits_per_dim(net, pl_module.diffusion, ds, mine, self.batch_size, seed=self.seed)
         finally:
-            torch.set_rng_state(state)
             net.train(was_training)
+        keys = ("bpd", "bpd_prior", "bpd_decoder", "bpd_vb")
+        sums = torch.tensor([float(terms[k].sum()) for k in keys] + [len(mine)], dtype=torch.float64, device=pl_module.device)
         if trainer.world_size > 1:
             sums = trainer.strategy.reduce(sums, reduce_op="sum")
-        n = max(float(sums[4]), 1.0)
-        for j, k in enumerate(("val/bpd", "val/bpd_prior", "val/bpd_decoder", "val/bpd_vb")):
-            pl_module.log(k, float(sums[j]) / n, on_epoch=True, sync_dist=False)
+        n = max(float(sums[-1]), 1.0)
+        for j, k in enumerate(keys):
+            pl_module.log(f"val/{k}", float(sums[j]) / n, on_epoch=True, sync_dist=False)

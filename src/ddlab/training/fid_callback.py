@@ -2,42 +2,65 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from pathlib import Path
+from typing import Optional
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from ddlab import evaluation as ev
+
 log = logging.getLogger("ddlab.training")
 
 
+def run_sampler(pl_module, overrides: Optional[dict] = None):
+    """The run's sampler rebuilt from its stored config (``run_config.sampler``) with ``overrides``
+    merged (:func:`ddlab.evaluation.sampler_config`), its own bar off; a copy of ``pl_module.sampler``
+    with the overrides set as attributes when the module carries no run config."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    stored = (pl_module.hparams.get("run_config") or {}).get("sampler")
+    if stored:
+        cfg = ev.sampler_config(stored, overrides)
+        if "steps" in overrides and cfg.get("step_size") is not None:
+            cfg["step_size"] = None  # the callback's `steps` wins over a stored every-k-th-step rule
+        return ev.build_sampler(cfg, progress=False)
+    sampler = copy.copy(pl_module.sampler)
+    for k, v in {**overrides, "progress": False}.items():
+        setattr(sampler, k, v)
+    return sampler
+
+
 class FIDCallback(Callback):
-    """Sample ``num_samples`` images with the EMA weights and the run's sampler (all its settings,
-    with ``steps`` steps and ``guidance_scale``), classes balanced and shuffled for class-conditional
-    models; under DDP every rank draws ``ceil(num_samples / world_size)`` and rank 0 gathers them,
-    computes FID (KID / Inception Score if asked) against the cached reference statistics of the
-    data module's reference split, and broadcasts it. Logs ``val/fid`` and ``val/fid_best`` (the
-    same value on every rank, so ``ModelCheckpoint(monitor="val/fid", mode="min")`` works), and saves
-    a grid of the first 100 samples to ``dirpath/epoch_NNNN.png``. ``every_n_epochs=0`` turns it off.
-    Runs after validation, so it needs the validation loop (``trainer.limit_val_batches > 0``).
+    """Sample ``num_samples`` images with the EMA weights and the run's sampler (its stored config
+    with ``steps`` replaced when given; guidance, batching and the rest as trained), classes balanced
+    and shuffled for class-conditional models, with the seeding rules of :mod:`ddlab.evaluation`
+    (the images ``ddlab.fid`` draws for the same seed and batch size). Under DDP every rank draws
+    ``ceil(num_samples / world_size)`` and rank 0 gathers them, computes FID (KID / Inception Score
+    if asked) against the cached reference statistics of the data module's reference split, and
+    broadcasts it. Logs ``val/fid`` and ``val/fid_best`` (the same value on every rank, so
+    ``ModelCheckpoint(monitor="val/fid", mode="min")`` works), and saves a grid of the first 100
+    samples to ``dirpath/epoch_NNNN.png``. ``every_n_epochs=0`` turns it off. Runs after validation,
+    so it needs the validation loop (``trainer.limit_val_batches > 0``).
     """
 
-    def __init__(self, every_n_epochs: int = 0, num_samples: int = 1000, steps: int | None = 50,
-                 guidance_scale: float | None = None, batch_size: int = 250, dirpath: str | None = None,
-                 cache_dir: str = "logs/fid_stats", weights_path: str | None = None, feature_batch_size: int = 64,
-                 kid: bool = False, isc: bool = False, seed: int = 0, progress: bool = False,
+    def __init__(self, every_n_epochs: int = 0, num_samples: int = 1000, steps: int | None = 50, batch_size: int = 250,
+                 dirpath: str | None = None, cache_dir: str = "logs/fid_stats", weights_path: str | None = None,
+                 feature_batch_size: int = 64, kid: bool = False, isc: bool = False, seed: int = 0, progress: bool = False,
                  feature_extractor: str = "inception", classifier_path: str | None = None):
         if every_n_epochs < 0:
-            raise ValueError(f"eval.every_n_epochs must be >= 0 (0 = off), got {every_n_epochs}")
+            raise ValueError(f"callbacks.fid.every_n_epochs must be >= 0 (0 = off), got {every_n_epochs}")
         if every_n_epochs and num_samples < 2:
-            raise ValueError(f"eval.num_samples must be >= 2 for FID, got {num_samples}")
+            raise ValueError(f"callbacks.fid.num_samples must be >= 2 for FID, got {num_samples}")
+        if batch_size < 1:
+            raise ValueError(f"callbacks.fid.batch_size must be >= 1, got {batch_size}")
         self.every_n_epochs = int(every_n_epochs)
         self.num_samples = int(num_samples)
         self.steps = steps
-        self.guidance_scale = guidance_scale
         self.batch_size = int(batch_size)
         self.dirpath = Path(dirpath) if dirpath else None
         self.cache_dir = cache_dir
@@ -71,7 +94,7 @@ class FIDCallback(Callback):
             data_cfg = (pl_module.hparams.get("run_config") or {}).get("data") or {}
             self._evaluator = Evaluator(data_cfg, trainer.datamodule, cache_dir=self.cache_dir, weights_path=self.weights_path,
                                         device=pl_module.device, batch_size=self.feature_batch_size, kid=self.kid,
-                                        isc=self.isc, progress=self.progress, key_prefix="eval",
+                                        isc=self.isc, progress=self.progress, key_prefix="callbacks.fid",
                                         feature_extractor=self.feature_extractor, classifier_path=self.classifier_path)
         return self._evaluator
 
@@ -103,23 +126,23 @@ class FIDCallback(Callback):
 
     def sample_all_ranks(self, trainer, pl_module) -> np.ndarray | None:
         """Every rank samples its share; returns ``(num_samples, H, W, C)`` uint8 on rank 0 (None elsewhere)."""
-        from ddlab.metrics.generate import balanced_labels, generate_uint8
-
         world, rank = trainer.world_size, trainer.global_rank
         share = math.ceil(self.num_samples / world)
-        labels = balanced_labels(share * world, pl_module.num_classes, torch.Generator().manual_seed(self.seed))
+        labels = ev.balanced_labels(share * world, pl_module.num_classes, self.seed)
         mine = labels[rank * share:(rank + 1) * share] if labels is not None else None
         self._labels = labels[: self.num_samples].numpy() if labels is not None else None
-        base = pl_module.sampler
-        steps = {} if self.steps is None else {"steps": self.steps, **({"step_size": None} if "step_size" in base.config else {})}
-        sampler = base.replace(**steps, progress=False)
-        w = self.guidance_scale if self.guidance_scale is not None else base.guidance_scale
+        sampler = run_sampler(pl_module, {"steps": self.steps})
+        w = float(sampler.guidance_scale) if pl_module.num_classes else 1.0
+        if rank == 0:
+            log.info("FID sampling: %d images with %s (%s steps, guidance %.3g)", self.num_samples,
+                     ev.sampler_name(sampler, {}), sampler.steps, w)
         net = pl_module.ema_model
         was_training = net.training
         net.eval()
         try:
-            local = generate_uint8(net, pl_module.diffusion, sampler, share, self.batch_size, labels=mine, guidance_scale=w,
-                                   seed=self.seed + 100_003 * rank, progress=self.progress and rank == 0, desc="FID sampling")
+            local = ev.generate_uint8(net, pl_module.diffusion, sampler, share, self.batch_size, labels=mine, guidance_scale=w,
+                                      seed=self.seed, progress=self.progress and rank == 0, desc="FID sampling",
+                                      first_index=rank * share)
         finally:
             net.train(was_training)
         x = torch.from_numpy(local).to(pl_module.device)
@@ -129,10 +152,5 @@ class FIDCallback(Callback):
         return x[: self.num_samples].cpu().numpy() if trainer.is_global_zero else None
 
     def _save_grid(self, images: np.ndarray, epoch: int) -> None:
-        if self.dirpath is None:
-            return
-        from torchvision.utils import save_image
-
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        x = torch.from_numpy(images[:100]).permute(0, 3, 1, 2).float() / 255.0
-        save_image(x, self.dirpath / f"epoch_{epoch:04d}.png", nrow=math.ceil(math.sqrt(len(x))), padding=2)
+        if self.dirpath is not None:
+            ev.save_grid(images[:100], self.dirpath / f"epoch_{epoch:04d}.png")

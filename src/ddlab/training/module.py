@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import grad_norm
 from torch import nn
 from torchmetrics import MeanMetric
 
-from ddlab.diffusion import GaussianDiffusion, UniformSampler, samplers
+from ddlab.diffusion import ConfiguredSampler, GaussianDiffusion, UniformSampler, samplers
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -55,7 +55,7 @@ class DiffusionModule(pl.LightningModule):
         self,
         model: nn.Module,
         diffusion: GaussianDiffusion,
-        sampler: Optional[Sampler] = None,
+        sampler: Optional[ConfiguredSampler] = None,
         optimizer: Callable[..., torch.optim.Optimizer] = functools.partial(torch.optim.AdamW, lr=2e-4),
         lr_scheduler: Optional[Callable[..., Any]] = None,
         timestep_sampler: Callable[[int], UniformSampler] = UniformSampler,

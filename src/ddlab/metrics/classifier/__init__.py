@@ -17,7 +17,7 @@ Train and save it with::
 
 The file holds the weights (``state_dict``), the test ``accuracy``, ``sha256`` (hash of the weights,
 part of every reference-statistics key) and the training settings. Evaluation finds it through
-``fid.classifier_path`` / ``eval.classifier_path``, the ``DDLAB_MNIST_CNN`` environment variable,
+``fid.classifier_path`` / ``callbacks.fid.classifier_path``, the ``DDLAB_MNIST_CNN`` environment variable,
 or the default ``<DDLAB_LOG_DIR or logs>/classifiers/mnist_cnn.pt``.
 """
 
