@@ -71,6 +71,33 @@ def make_generator(seed: int, index: int, stream: str, device: torch.device | st
     return torch.Generator(device=torch.device(device)).manual_seed(stream_seed(seed, index, stream))
 
 
+# ----------------------------------------------------------------------------- model
+def model_source(ckpt: Optional[str], pretrained: Optional[str], required: bool = True) -> Optional[str]:
+    """The ``key=value`` that names the model to evaluate; exactly one of ``ckpt`` / ``pretrained``."""
+    if ckpt is not None and pretrained is not None:
+        raise ValueError(f"give either ckpt={ckpt} or pretrained={pretrained}, not both")
+    if ckpt is None and pretrained is None:
+        if required:
+            raise ValueError("no model: give ckpt=path/to/last.ckpt (a training checkpoint) or pretrained=DIR_or_user/repo "
+                             "(a folder written by `python -m ddlab.export`, or a Hugging Face Hub repo)")
+        return None
+    return f"ckpt={ckpt}" if ckpt is not None else f"pretrained={pretrained}"
+
+
+def load_model(ckpt: Optional[str], pretrained: Optional[str], ema: bool = True, device=None):
+    """The network (``ema`` weights by default), formulation and run config of a training checkpoint
+    (``ckpt=``) or an exported folder / Hub repo (``pretrained=``), as a
+    :class:`ddlab.checkpoint.LoadedCheckpoint`."""
+    model_source(ckpt, pretrained)
+    if pretrained is not None:
+        from ddlab.hub import load_pretrained_checkpoint
+
+        return load_pretrained_checkpoint(pretrained, use_ema=ema, device=device)
+    from ddlab.checkpoint import load_checkpoint
+
+    return load_checkpoint(ckpt, use_ema=ema, device=device)
+
+
 # ----------------------------------------------------------------------------- sampler
 def _drop_nulls(node: Any) -> Any:
     if isinstance(node, Mapping):

@@ -26,25 +26,27 @@ log = logging.getLogger("ddlab.fid")
 
 
 def _check_args(cfg: DictConfig) -> None:
-    if cfg.ckpt is None and cfg.samples is None:
-        raise ValueError("nothing to evaluate: give ckpt=path/to/last.ckpt (to sample) or samples=DIR_or_npz")
+    model = ev.model_source(cfg.get("ckpt"), cfg.get("pretrained"), required=False)
+    if model is None and cfg.samples is None:
+        raise ValueError("nothing to evaluate: give ckpt=path/to/last.ckpt or pretrained=DIR_or_repo (to sample), "
+                         "or samples=DIR_or_npz")
     if cfg.samples is None and int(cfg.n) < 2:
         raise ValueError(f"n={cfg.n}: FID needs at least 2 samples")
-    if int(cfg.bpd.n) > 0 and cfg.ckpt is None:
-        raise ValueError("bpd.n > 0 needs a model: give ckpt=...")
+    if int(cfg.bpd.n) > 0 and model is None:
+        raise ValueError("bpd.n > 0 needs a model: give ckpt=... or pretrained=...")
 
 
 def _inputs(cfg: DictConfig, device) -> dict:
     """Read and check every input (samples, checkpoint, data config, sizes) before any compute."""
     from hydra.utils import instantiate
 
-    from ddlab.checkpoint import load_checkpoint
     from ddlab.metrics import load_sample_labels, load_samples
     from ddlab.metrics.samples import check_sample_size
 
     _check_args(cfg)
     inp: dict[str, Any] = {"images": None, "labels": None}
-    inp["loaded"] = load_checkpoint(cfg.ckpt, use_ema=bool(cfg.ema), device=device) if cfg.ckpt else None
+    has_model = ev.model_source(cfg.get("ckpt"), cfg.get("pretrained"), required=False) is not None
+    inp["loaded"] = ev.load_model(cfg.get("ckpt"), cfg.get("pretrained"), bool(cfg.ema), device) if has_model else None
     run_cfg = inp["loaded"].config if inp["loaded"] else None
     data = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") is not None else None
     inp["data_cfg"] = ev.data_config(data, run_cfg, cfg.reference.data_dir, cfg.reference.limit)
@@ -59,7 +61,7 @@ def _inputs(cfg: DictConfig, device) -> dict:
         shape, key = inp["images"].shape[1:], f"samples={cfg.samples}"
     else:
         m = inp["loaded"].model
-        shape, key = (m.image_size, m.image_size, m.in_channels), f"ckpt={cfg.ckpt}"
+        shape, key = (m.image_size, m.image_size, m.in_channels), ev.model_source(cfg.get("ckpt"), cfg.get("pretrained"))
         inp["sampler"] = ev.run_sampler(run_cfg.get("sampler"), OmegaConf.to_container(cfg.sampler, resolve=True),
                                         int(getattr(m, "num_classes", 0)))
     d = inp["data_cfg"] or {}
@@ -103,7 +105,7 @@ def evaluate(cfg: DictConfig) -> dict:
     device = ev.setup_runtime(str(cfg.device), cfg.get("torch_threads"), cfg.get("runtime"))
     inp = _inputs(cfg, device)
     out_dir = Path(cfg.out)
-    record: dict[str, Any] = {"ckpt": str(cfg.ckpt) if cfg.ckpt else None}
+    record: dict[str, Any] = {"ckpt": str(cfg.ckpt) if cfg.ckpt else None, "pretrained": cfg.get("pretrained")}
     evaluator = _evaluator(cfg, inp, device)
     evaluator.reference()  # fail on missing data / weights before sampling for an hour
     if inp["images"] is None:

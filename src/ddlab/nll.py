@@ -29,13 +29,12 @@ def nll(cfg: DictConfig) -> dict:
     """Bits/dim of ``cfg.ckpt`` on ``cfg.n`` held-out images; returns the JSON record."""
     from hydra.utils import instantiate
 
-    from ddlab.checkpoint import load_checkpoint
-
+    source = ev.model_source(cfg.get("ckpt"), cfg.get("pretrained"))
     n, bs = int(cfg.n), int(cfg.batch_size)
     if n < 1 or bs < 1:
         raise ValueError(f"n and batch_size must be positive integers, got n={n}, batch_size={bs}")
     device = ev.setup_runtime(str(cfg.device), cfg.get("torch_threads"), cfg.get("runtime"))
-    loaded = load_checkpoint(cfg.ckpt, use_ema=bool(cfg.ema), device=device)
+    loaded = ev.load_model(cfg.get("ckpt"), cfg.get("pretrained"), bool(cfg.ema), device)
     data = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") is not None else None
     dm = instantiate(ev.data_config(data, loaded.config, cfg.get("data_dir"), n))
     ds = dm.reference_dataset()
@@ -45,7 +44,8 @@ def nll(cfg: DictConfig) -> dict:
                             progress=bool(cfg.progress))
     record = {**ev.summarize_bpd(terms, clip), "split": "val", "bpd_conditional": int(getattr(loaded.model, "num_classes", 0)) > 0,
               "num_timesteps": loaded.diffusion.num_timesteps, "ema": loaded.ema, "global_step": loaded.global_step,
-              "seed": int(cfg.seed), "ckpt": str(Path(cfg.ckpt).resolve())}
+              "seed": int(cfg.seed), "ckpt": str(Path(cfg.ckpt).resolve()) if cfg.get("ckpt") else None,
+              "pretrained": cfg.get("pretrained"), "model": source}
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "nll.json").write_text(json.dumps(record, indent=2))

@@ -26,14 +26,14 @@ def _container(node: Any) -> Any:
 
 
 def sample(cfg: DictConfig) -> dict:
-    """Draw ``cfg.n`` images from ``cfg.ckpt``; returns ``{"images", "labels", "grid", "npz", "sampler", "guidance_scale"}``."""
-    from ddlab.checkpoint import load_checkpoint
-
+    """Draw ``cfg.n`` images from ``cfg.ckpt`` (or ``cfg.pretrained``); returns ``{"images", "labels", "grid",
+    "npz", "sampler", "guidance_scale"}``."""
+    ev.model_source(cfg.get("ckpt"), cfg.get("pretrained"))
     n, bs, seed = int(cfg.n), int(cfg.batch_size), int(cfg.seed)
     if n < 1 or bs < 1:
         raise ValueError(f"n and batch_size must be positive integers, got n={n}, batch_size={bs}")
     device = ev.setup_runtime(str(cfg.device), cfg.get("torch_threads"), cfg.get("runtime"))
-    loaded = load_checkpoint(cfg.ckpt, use_ema=bool(cfg.ema), device=device)
+    loaded = ev.load_model(cfg.get("ckpt"), cfg.get("pretrained"), bool(cfg.ema), device)
     k = int(getattr(loaded.model, "num_classes", 0))
     sampler, scfg, w = ev.run_sampler(loaded.config.get("sampler"), _container(cfg.get("sampler")), k)
     labels = ev.make_labels(_container(cfg.labels), n, k, seed)

@@ -51,8 +51,8 @@ def run(tmp_path_factory):
     hub = LocalHub(root / "hub")
     with pytest.MonkeyPatch.context() as mp:
         hub.install(mp)
-        train(compose(TINY + ["trainer.max_epochs=1", "scheduler.num_timesteps=20", "+push_to_hub=true",
-                              "+hub_model_id=someone/tiny-mnist", "callbacks.hub.grid_n=4"], output_dir=root / "run"))
+        train(compose(TINY + ["trainer.max_epochs=1", "scheduler.num_timesteps=20", "push_to_hub=true",
+                              "hub_model_id=someone/tiny-mnist", "callbacks.hub.grid_n=4"], output_dir=root / "run"))
     ckpt = root / "run" / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     return {"ckpt": ckpt, "root": root, "hub": hub}
@@ -257,3 +257,19 @@ def test_export_refuses_a_folder_with_other_files(run, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="holds other files \\(notes.txt\\)"):
         export(compose([f"ckpt={run['ckpt']}", f"out={tmp_path}", "grid_n=0"], config_name="export"))
+
+
+def test_sample_cli_from_pretrained_equals_checkpoint(run, exported, tmp_path):
+    """``ddlab.sample pretrained=DIR`` draws what ``ddlab.sample ckpt=...`` draws for the same seed (the
+    export carries the run's sampler and guidance); naming both or neither is refused."""
+    from ddlab.sample import sample
+
+    common = ["n=4", "batch_size=4", "seed=3", "device=cpu", "progress=false"]
+    a = sample(compose(common + [f"ckpt={run['ckpt']}", f"out={tmp_path / 'a'}"], config_name="sample"))
+    b = sample(compose(common + [f"pretrained={exported}", f"out={tmp_path / 'b'}"], config_name="sample"))
+    np.testing.assert_array_equal(a["images"], b["images"])
+    assert a["sampler"] == b["sampler"]
+    with pytest.raises(ValueError, match="either ckpt=.* or pretrained="):
+        sample(compose(common + [f"ckpt={run['ckpt']}", f"pretrained={exported}"], config_name="sample"))
+    with pytest.raises(ValueError, match="no model: give ckpt=.*or pretrained="):
+        sample(compose(common, config_name="sample"))

@@ -1,5 +1,5 @@
 """Push the trained model to the Hugging Face Hub when training ends (the diffusers tutorial's
-``push_to_hub`` / ``hub_model_id``): ``python -m ddlab.train +push_to_hub=true +hub_model_id=user/repo``."""
+``push_to_hub`` / ``hub_model_id``): ``python -m ddlab.train push_to_hub=true hub_model_id=user/repo``."""
 
 from __future__ import annotations
 
