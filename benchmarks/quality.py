@@ -62,7 +62,7 @@ def train_ddlab(budget: float, out: Path, threads: int, overrides: list[str]) ->
     """``python -m ddlab.train experiment=mnist_cfg trainer.max_time=<budget>`` in a subprocess."""
     cmd = [sys.executable, "-m", "ddlab.train", "experiment=mnist_cfg", f"trainer.max_time={_hms(budget)}",
            f"hydra.run.dir={out}", f"torch_threads={threads}", "callbacks.sample_grid.every_n_steps=0",
-           "callbacks.progress_bar.refresh_rate=50", *overrides]
+           "trainer.enable_progress_bar=false", *overrides]
     _progress(f"ddlab: training for {budget:.0f} s: {' '.join(cmd[2:])}")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
