@@ -59,6 +59,17 @@ def validate_config(cfg: DictConfig) -> None:
                          "like [0,2], or auto), and trainer.accelerator=cpu to train on the CPU")
 
 
+def usable_callbacks(callbacks: list, trainer_cfg, loggers: list) -> list:
+    """Drop the configured callbacks that the rest of the run switched off: the progress bar when
+    ``trainer.enable_progress_bar=false`` (Lightning refuses both at once) and the LR monitor when
+    there is no logger (``logger=none``; Lightning refuses it without one)."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
+
+    keep_bar = bool(trainer_cfg.get("enable_progress_bar", True))
+    return [c for c in callbacks if not ((isinstance(c, ProgressBar) and not keep_bar)
+                                         or (isinstance(c, LearningRateMonitor) and not loggers))]
+
+
 # model keys that change only speed or memory, not the weights' shapes or meaning
 _RUNTIME_MODEL_KEYS = {"gradient_checkpointing", "channels_last", "compile", "compile_mode", "dropout"}
 
@@ -174,7 +185,7 @@ def train(cfg: DictConfig) -> Optional[float]:
 
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
-        callbacks=callbacks,
+        callbacks=usable_callbacks(callbacks, cfg.trainer, loggers),
         logger=loggers or False,
         plugins=[AtomicCheckpointIO()],
         enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),

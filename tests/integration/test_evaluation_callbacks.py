@@ -48,3 +48,11 @@ def test_training_without_a_progress_bar(tmp_path):
                                "trainer.limit_val_batches=0"], output_dir=tmp_path)
     train(cfg)
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_training_without_a_logger(tmp_path):
+    """``logger=none``: the LR monitor (which needs a logger) is left out instead of crashing the run."""
+    cfg = compose(TINY + ["logger=none", "trainer.max_steps=1", "callbacks.sample_grid.at_end=false",
+                          "trainer.limit_val_batches=0"], output_dir=tmp_path)
+    train(cfg)
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
