@@ -154,7 +154,7 @@ class UNet(nn.Module):
             return ResBlock(ch, ch, emb_dim, updown="up", **options_for(ResBlock, kw)) if resblock_updown else Upsample(ch)
 
         ch = base_channels * channel_mult[0]
-        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(self.in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
         skip_channels = [ch]
         res = inner_size
