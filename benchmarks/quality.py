@@ -44,17 +44,21 @@ import torch
 
 from ddlab.diffusion import GUIDANCE_BATCHING
 
+from benchmarks.quality_baseline import (  # noqa: F401 (re-exported: the baseline used to live here)
+    NULL_CLASS,
+    _progress,
+    baseline_model,
+    mnist_28,
+    sample_baseline,
+    train_baseline,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
-NULL_CLASS = 10
 
 
 def _hms(seconds: float) -> str:
     s = int(round(seconds))
     return f"00:{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def _progress(msg: str) -> None:
-    print(f"[bench-quality {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- ddlab
@@ -100,100 +104,6 @@ def sample_ddlab(ckpt: str, n: int, steps: int | None, guidance: float | None, s
     images = generate_uint8(loaded.model, loaded.diffusion, sampler, n, batch_size, labels=labels, seed=seed, progress=True,
                             desc=f"ddlab {scfg['kind']}-{scfg['steps']}")
     return images, labels.numpy(), {"sampling_seconds": time.perf_counter() - t0, "sampler": scfg}
-
-
-# ---------------------------------------------------------------------------------------------- diffusers baseline
-def mnist_28(data_dir: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from ddlab.data.mnist import load_mnist
-
-    x, y = load_mnist(data_dir, split)
-    return torch.from_numpy(np.array(x)).float().div(127.5).sub(1.0)[:, None], torch.from_numpy(np.array(y)).long()
-
-
-def baseline_model(width: tuple[int, ...] = (32, 64, 64)):
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(sample_size=28, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=tuple(width),
-                       down_block_types=("DownBlock2D",) * len(width), up_block_types=("UpBlock2D",) * len(width),
-                       norm_num_groups=8, num_class_embeds=NULL_CLASS + 1)
-
-
-def train_baseline(budget: float, data_dir: str, lr: float = 2e-3, batch_size: int = 64, width=(32, 64, 64),
-                   ema_power: float = 2 / 3, warmup: int = 100, p_uncond: float = 0.1, seed: int = 0) -> dict:
-    """diffusers' class-conditional DDPM recipe, trained until ``budget`` seconds have passed."""
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    x, y = mnist_28(data_dir, "train")
-    model = baseline_model(width)
-    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    lr_sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=warmup)
-    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=ema_power)
-    model.train()
-    steps, t0 = 0, time.perf_counter()
-    deadline = t0 + budget
-    perm, pos = torch.randperm(len(x), generator=g), 0
-    while time.perf_counter() < deadline:
-        if pos + batch_size > len(x):
-            perm, pos = torch.randperm(len(x), generator=g), 0
-        idx = perm[pos:pos + batch_size]
-        pos += batch_size
-        x0, labels = x[idx], y[idx].clone()
-        labels[torch.rand(len(idx), generator=g) < p_uncond] = NULL_CLASS
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, 1000, (len(idx),), generator=g)
-        pred = model(noise_sched.add_noise(x0, noise, t), t, class_labels=labels).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        lr_sched.step()
-        ema.step(model.parameters())
-        steps += 1
-        if steps % 200 == 0:
-            _progress(f"baseline step {steps}, loss {loss.item():.4f}, {time.perf_counter() - t0:.0f}/{budget:.0f} s")
-    seconds = time.perf_counter() - t0
-    ema.copy_to(model.parameters())
-    model.eval()
-    return {"model": model, "scheduler_config": dict(noise_sched.config), "steps": steps, "batch_size": batch_size,
-            "images_per_s": steps * batch_size / seconds, "params": sum(p.numel() for p in model.parameters()),
-            "settings": {"lr": lr, "batch_size": batch_size, "width": list(width), "ema_power": ema_power, "warmup": warmup}}
-
-
-@torch.no_grad()
-def sample_baseline(model, scheduler_config: dict, n: int, steps: int, guidance: float, seed: int, batch_size: int):
-    """Guided DDIM with diffusers' ``DDIMScheduler``; conditional and unconditional passes in one forward
-    (``guidance=1``: the conditional pass alone)."""
-    from diffusers import DDIMScheduler
-    from tqdm.auto import tqdm
-
-    from ddlab.evaluation import balanced_labels
-
-    sched = DDIMScheduler.from_config(scheduler_config)
-    labels = balanced_labels(n, NULL_CLASS, seed)
-    out = []
-    t0 = time.perf_counter()
-    for i, start in enumerate(tqdm(range(0, n, batch_size), desc=f"baseline ddim-{steps}", leave=False)):
-        y = labels[start:start + batch_size]
-        g = torch.Generator().manual_seed(seed + i)
-        x = torch.randn((len(y), 1, 28, 28), generator=g)
-        sched.set_timesteps(steps)
-        null = torch.full_like(y, NULL_CLASS)
-        for t in sched.timesteps:
-            if guidance == 1.0:  # plain conditional sampling: one pass, as a diffusers user would run it
-                eps = model(x, t, class_labels=y).sample
-            else:
-                eps_c, eps_u = model(torch.cat([x, x]), t, class_labels=torch.cat([y, null])).sample.chunk(2)
-                eps = eps_u + guidance * (eps_c - eps_u)
-            x = sched.step(eps, t, x, eta=0.0).prev_sample
-        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
-    return np.concatenate(out), labels.numpy(), {"sampling_seconds": time.perf_counter() - t0,
-                                                  "sampler": {"kind": "ddim", "steps": steps, "eta": 0.0, "guidance_scale": guidance}}
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -261,7 +171,7 @@ def _markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", type=float, default=600, help="training seconds per system (default 600)")
     p.add_argument("--samples", type=int, default=500, help="guided samples per system")
@@ -291,8 +201,12 @@ def main(argv=None) -> dict:
     p.add_argument("--data-dir", default=os.environ.get("DDLAB_DATA_DIR", "data"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--quick", action="store_true", help="smoke run: tiny classifier and ddlab model, few steps")
-    args = p.parse_args(argv)
-    # read the sampler lists before any training, so a typo fails in a second, not after the budget
+    return p
+
+
+def _sampler_specs(args) -> tuple[list, list]:
+    """The extra ddlab samplers and the baseline's (steps, guidance) settings, read before any training
+    so a typo fails in a second, not after the budget."""
     ddlab_specs = [parse_sampler_spec(spec) for spec in args.ddlab_samplers.split(",") if spec]
     baseline_specs = [(args.baseline_steps, args.guidance)]
     for kind, steps, g in (parse_sampler_spec(spec, "--baseline-samplers") for spec in args.baseline_samplers.split(",") if spec):
@@ -300,16 +214,11 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--baseline-samplers: the baseline samples with ddim, not {kind!r}")
         baseline_specs.append((steps, args.guidance if g is None else g))
     baseline_specs = list(dict.fromkeys(baseline_specs))  # the default setting listed again is scored once
-    if args.baseline_ckpt and args.search:
-        raise SystemExit("--baseline-ckpt re-scores a trained baseline; it cannot be combined with --search")
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("DDLAB_DATA_DIR", args.data_dir)
-    started = _dt.datetime.now()
-    out_dir = Path(args.out)
-    work = out_dir / f"quality-{socket.gethostname()}-{started:%Y%m%d-%H%M%S}"
-    work.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / f"{work.name}.json"  # one file per run: a second run on the same day keeps the first
+    return ddlab_specs, baseline_specs
 
+
+def _make_scorer(args, work: Path) -> tuple[Scorer, Path]:
+    """The domain scorer, training the MNIST classifier first when it is missing."""
     from ddlab.metrics.classifier import default_path, train_classifier
 
     cls_path = Path(args.classifier) if args.classifier else default_path()
@@ -321,6 +230,102 @@ def main(argv=None) -> dict:
         train_classifier(args.data_dir, cls_path, progress=False, **kw)
     scorer = Scorer(args.data_dir, work / "fid_stats" if args.quick else ROOT / "logs" / "fid_stats", str(cls_path),
                     500 if args.quick else args.reference_limit)
+    return scorer, cls_path
+
+
+def _run_ddlab(args, ddlab_specs: list, scorer: Scorer, work: Path, result: dict, write) -> None:
+    """Train (or load) the ddlab model, then score its configured sampler and every extra one."""
+    extra = args.ddlab_args.split()
+    if args.quick:
+        extra += ["model.base_channels=8", "model.channel_mult=[1,2]", "scheduler.num_timesteps=50", "sampler.steps=4",
+                  "data.limit=256", "trainer.limit_val_batches=0", "callbacks.sample_grid.n=10"]
+    if args.ddlab_ckpt:
+        info = {"ckpt": args.ddlab_ckpt, "images_per_s": float("nan"), "params": 0, "steps": None}
+        run_metrics = Path(args.ddlab_ckpt).resolve().parents[1] / "metrics.json"  # <run>/checkpoints/last.ckpt
+        if run_metrics.is_file():
+            m = json.loads(run_metrics.read_text())
+            info.update(images_per_s=float(m.get("train/images_per_sec", float("nan"))), params=int(m.get("params/total", 0)),
+                        steps=m.get("global_step"))
+    else:
+        info = train_ddlab(args.budget, work / "ddlab", args.threads, extra)
+    for kind, steps, guidance in [(None, None, None), *ddlab_specs]:
+        images, labels, smp = sample_ddlab(info["ckpt"], args.samples, steps, guidance, seed=1, batch_size=args.sample_batch,
+                                           kind=kind, guidance_batching=args.guidance_batching)
+        row = {"system": "ddlab", **{k: v for k, v in info.items() if k != "ckpt"}, **smp, **scorer(images, labels)}
+        sc = smp["sampler"]
+        save_grid(images, labels, work / f"ddlab_{sc['kind']}{sc['steps']}_w{sc['guidance_scale']:g}.png")
+        result["rows"].append(row)
+        _progress(f"ddlab: {row['sampler']['kind']}-{row['sampler']['steps']}: FID {row['fid']:.3f}, acc {row['class_accuracy']:.3f}, "
+                  f"{row['sampling_seconds']:.1f} s")
+        write()
+
+
+def _search_baseline(args, width: tuple, best: dict, scorer: Scorer, result: dict, write) -> dict:
+    """One factor at a time around ``best`` on a shorter budget; returns the settings with the lowest FID."""
+    sb = args.search_budget or args.budget / 4
+    candidates = [best, {**best, "lr": best["lr"] / 2}, {**best, "lr": best["lr"] * 2},
+                  {**best, "batch_size": best["batch_size"] // 2}, {**best, "batch_size": best["batch_size"] * 2},
+                  {**best, "width": tuple(w * 3 // 4 for w in width)}, {**best, "width": tuple(w * 3 // 2 for w in width)}]
+    result.update(search=[], search_budget_s=sb, search_samples=args.search_samples, search_steps=args.search_steps)
+    for c in candidates:
+        tr = train_baseline(sb, args.data_dir, **c)
+        images, labels, _ = sample_baseline(tr["model"], tr["scheduler_config"], args.search_samples, args.search_steps,
+                                            args.guidance, seed=1, batch_size=args.sample_batch)
+        sc = scorer(images, labels)
+        result["search"].append({"settings": tr["settings"], "steps": tr["steps"], **sc})
+        _progress(f"search {tr['settings']}: FID {sc['fid']:.3f}, acc {sc['class_accuracy']:.3f}")
+        write()
+    top = min(result["search"], key=lambda r: r["fid"])["settings"]
+    return {"lr": top["lr"], "batch_size": top["batch_size"], "width": tuple(top["width"])}
+
+
+def _load_or_train_baseline(args, best: dict, work: Path) -> dict:
+    """The saved baseline of ``--baseline-ckpt``, or a freshly trained one (saved to ``work``)."""
+    if args.baseline_ckpt:  # re-score a saved baseline (its baseline_ema.pt) instead of training one
+        tr = torch.load(args.baseline_ckpt, map_location="cpu", weights_only=False)
+        tr["model"] = baseline_model(tuple(tr["settings"]["width"]))
+        tr["model"].load_state_dict(tr.pop("ema_state_dict"))
+        tr["model"].eval()
+    else:
+        tr = train_baseline(args.budget, args.data_dir, **best)
+        torch.save({"ema_state_dict": tr["model"].state_dict(), **{k: v for k, v in tr.items() if k != "model"}},
+                   work / "baseline_ema.pt")  # to look at, or re-score with --baseline-ckpt
+    return tr
+
+
+def _run_baseline(args, baseline_specs: list, scorer: Scorer, work: Path, result: dict, write) -> None:
+    """Tune (``--search``), train or load the diffusers baseline, then score each of its DDIM settings."""
+    width = tuple(int(w) for w in args.width.split(","))
+    best = {"lr": args.lr, "batch_size": args.batch_size, "width": width}
+    if args.search:
+        best = _search_baseline(args, width, best, scorer, result, write)
+    tr = _load_or_train_baseline(args, best, work)
+    for i, (steps, guidance) in enumerate(baseline_specs):
+        images, labels, smp = sample_baseline(tr["model"], tr["scheduler_config"], args.samples, steps, guidance,
+                                              seed=1, batch_size=args.sample_batch)
+        row = {"system": "diffusers baseline", **{k: v for k, v in tr.items() if k not in ("model", "scheduler_config")},
+               **smp, **scorer(images, labels)}
+        save_grid(images, labels, work / ("baseline.png" if i == 0 else f"baseline_ddim{steps}_w{guidance:g}.png"))
+        result["rows"].append(row)
+        _progress(f"baseline ddim-{steps} w={guidance:g}: FID {row['fid']:.3f}, acc {row['class_accuracy']:.3f}, "
+                  f"{row['sampling_seconds']:.1f} s")
+        write()
+
+
+def main(argv=None) -> dict:
+    args = _parser().parse_args(argv)
+    ddlab_specs, baseline_specs = _sampler_specs(args)
+    if args.baseline_ckpt and args.search:
+        raise SystemExit("--baseline-ckpt re-scores a trained baseline; it cannot be combined with --search")
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("DDLAB_DATA_DIR", args.data_dir)
+    started = _dt.datetime.now()
+    out_dir = Path(args.out)
+    work = out_dir / f"quality-{socket.gethostname()}-{started:%Y%m%d-%H%M%S}"
+    work.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{work.name}.json"  # one file per run: a second run on the same day keeps the first
+
+    scorer, cls_path = _make_scorer(args, work)
     result = {"date": f"{started:%Y-%m-%d %H:%M}", "budget_s": args.budget, "samples": args.samples, "rows": [],
               "machine": {"host": socket.gethostname(), "cpu_threads": args.threads, "torch": torch.__version__},
               "classifier": str(cls_path), "command": " ".join(sys.argv)}
@@ -330,68 +335,9 @@ def main(argv=None) -> dict:
 
     systems = args.systems.split(",")
     if "ddlab" in systems:
-        extra = args.ddlab_args.split()
-        if args.quick:
-            extra += ["model.base_channels=8", "model.channel_mult=[1,2]", "scheduler.num_timesteps=50", "sampler.steps=4",
-                      "data.limit=256", "trainer.limit_val_batches=0", "callbacks.sample_grid.n=10"]
-        if args.ddlab_ckpt:
-            info = {"ckpt": args.ddlab_ckpt, "images_per_s": float("nan"), "params": 0, "steps": None}
-            run_metrics = Path(args.ddlab_ckpt).resolve().parents[1] / "metrics.json"  # <run>/checkpoints/last.ckpt
-            if run_metrics.is_file():
-                m = json.loads(run_metrics.read_text())
-                info.update(images_per_s=float(m.get("train/images_per_sec", float("nan"))), params=int(m.get("params/total", 0)),
-                            steps=m.get("global_step"))
-        else:
-            info = train_ddlab(args.budget, work / "ddlab", args.threads, extra)
-        for kind, steps, guidance in [(None, None, None), *ddlab_specs]:
-            images, labels, smp = sample_ddlab(info["ckpt"], args.samples, steps, guidance, seed=1, batch_size=args.sample_batch,
-                                               kind=kind, guidance_batching=args.guidance_batching)
-            row = {"system": "ddlab", **{k: v for k, v in info.items() if k != "ckpt"}, **smp, **scorer(images, labels)}
-            sc = smp["sampler"]
-            save_grid(images, labels, work / f"ddlab_{sc['kind']}{sc['steps']}_w{sc['guidance_scale']:g}.png")
-            result["rows"].append(row)
-            _progress(f"ddlab: {row['sampler']['kind']}-{row['sampler']['steps']}: FID {row['fid']:.3f}, acc {row['class_accuracy']:.3f}, "
-                      f"{row['sampling_seconds']:.1f} s")
-            write()
-
+        _run_ddlab(args, ddlab_specs, scorer, work, result, write)
     if "baseline" in systems:
-        width = tuple(int(w) for w in args.width.split(","))
-        best = {"lr": args.lr, "batch_size": args.batch_size, "width": width}
-        if args.search:
-            sb = args.search_budget or args.budget / 4
-            candidates = [best, {**best, "lr": best["lr"] / 2}, {**best, "lr": best["lr"] * 2},
-                          {**best, "batch_size": best["batch_size"] // 2}, {**best, "batch_size": best["batch_size"] * 2},
-                          {**best, "width": tuple(w * 3 // 4 for w in width)}, {**best, "width": tuple(w * 3 // 2 for w in width)}]
-            result.update(search=[], search_budget_s=sb, search_samples=args.search_samples, search_steps=args.search_steps)
-            for c in candidates:
-                tr = train_baseline(sb, args.data_dir, **c)
-                images, labels, _ = sample_baseline(tr["model"], tr["scheduler_config"], args.search_samples, args.search_steps,
-                                                    args.guidance, seed=1, batch_size=args.sample_batch)
-                sc = scorer(images, labels)
-                result["search"].append({"settings": tr["settings"], "steps": tr["steps"], **sc})
-                _progress(f"search {tr['settings']}: FID {sc['fid']:.3f}, acc {sc['class_accuracy']:.3f}")
-                write()
-            top = min(result["search"], key=lambda r: r["fid"])["settings"]
-            best = {"lr": top["lr"], "batch_size": top["batch_size"], "width": tuple(top["width"])}
-        if args.baseline_ckpt:  # re-score a saved baseline (its baseline_ema.pt) instead of training one
-            tr = torch.load(args.baseline_ckpt, map_location="cpu", weights_only=False)
-            tr["model"] = baseline_model(tuple(tr["settings"]["width"]))
-            tr["model"].load_state_dict(tr.pop("ema_state_dict"))
-            tr["model"].eval()
-        else:
-            tr = train_baseline(args.budget, args.data_dir, **best)
-            torch.save({"ema_state_dict": tr["model"].state_dict(), **{k: v for k, v in tr.items() if k != "model"}},
-                       work / "baseline_ema.pt")  # to look at, or re-score with --baseline-ckpt
-        for i, (steps, guidance) in enumerate(baseline_specs):
-            images, labels, smp = sample_baseline(tr["model"], tr["scheduler_config"], args.samples, steps, guidance,
-                                                  seed=1, batch_size=args.sample_batch)
-            row = {"system": "diffusers baseline", **{k: v for k, v in tr.items() if k not in ("model", "scheduler_config")},
-                   **smp, **scorer(images, labels)}
-            save_grid(images, labels, work / ("baseline.png" if i == 0 else f"baseline_ddim{steps}_w{guidance:g}.png"))
-            result["rows"].append(row)
-            _progress(f"baseline ddim-{steps} w={guidance:g}: FID {row['fid']:.3f}, acc {row['class_accuracy']:.3f}, "
-                      f"{row['sampling_seconds']:.1f} s")
-            write()
+        _run_baseline(args, baseline_specs, scorer, work, result, write)
 
     result["markdown"] = _markdown(result)
     result["grids"] = str(work)

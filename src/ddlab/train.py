@@ -145,13 +145,41 @@ def write_metrics(trainer, datamodule, n_params: dict, output_dir: Path) -> dict
     return metrics
 
 
+def _make_trainer(cfg: DictConfig, output_dir: Path, ckpt_path):
+    """The callbacks (with the preemption handler), the loggers and the Trainer, in the order ``train`` needs."""
+    import lightning.pytorch as pl
+    from hydra.utils import instantiate
+
+    from ddlab.training import AtomicCheckpointIO
+
+    callbacks = instantiate_dict(cfg.get("callbacks"))
+    preemption = make_preemption(cfg, output_dir)
+    callbacks += [preemption] if preemption else []
+    # resume continues the W&B run stored in the checkpoint; a fixed run_id gives a fixed W&B id
+    wandb_utils.set_resume_id(cfg.get("logger"), ckpt_path, fallback_id=fixed_wandb_id(cfg))
+    loggers = instantiate_dict(cfg.get("logger"))
+    callbacks += wandb_utils.callbacks_for(loggers)
+    # Checkpoints come from ddlab's StepCheckpoint (and Lightning's ModelCheckpoint when configured);
+    # with neither, Lightning must not add its default ModelCheckpoint.
+    from lightning.pytorch.callbacks import Checkpoint
+
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=usable_callbacks(callbacks, cfg.trainer, loggers),
+        logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
+    )
+    return trainer, preemption, loggers
+
+
 def train(cfg: DictConfig) -> Optional[float]:
     """Build everything from ``cfg`` and fit. Returns the value of ``cfg.optimized_metric``."""
     import lightning.pytorch as pl
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
 
-    from ddlab.training import AtomicCheckpointIO, count_parameters
+    from ddlab.training import count_parameters
 
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
@@ -172,24 +200,7 @@ def train(cfg: DictConfig) -> Optional[float]:
     diffusion = instantiate(cfg.scheduler)
     sampler = instantiate(cfg.sampler)
     module = instantiate(cfg.module, _partial_=True)(model=model, diffusion=diffusion, sampler=sampler, run_config=resolved)
-    callbacks = instantiate_dict(cfg.get("callbacks"))
-    preemption = make_preemption(cfg, output_dir)
-    callbacks += [preemption] if preemption else []
-    # resume continues the W&B run stored in the checkpoint; a fixed run_id gives a fixed W&B id
-    wandb_utils.set_resume_id(cfg.get("logger"), ckpt_path, fallback_id=fixed_wandb_id(cfg))
-    loggers = instantiate_dict(cfg.get("logger"))
-    callbacks += wandb_utils.callbacks_for(loggers)
-    # Checkpoints come from ddlab's StepCheckpoint (and Lightning's ModelCheckpoint when configured);
-    # with neither, Lightning must not add its default ModelCheckpoint.
-    from lightning.pytorch.callbacks import Checkpoint
-
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer,
-        callbacks=usable_callbacks(callbacks, cfg.trainer, loggers),
-        logger=loggers or False,
-        plugins=[AtomicCheckpointIO()],
-        enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
-    )
+    trainer, preemption, loggers = _make_trainer(cfg, output_dir, ckpt_path)
     runtime.apply(**(cfg.get("runtime") or {}), device=trainer.strategy.root_device)  # after the Trainer (it sets cudnn.benchmark)
 
     n_params = count_parameters(model)

@@ -91,6 +91,11 @@ class GaussianDiffusion:
             torch.arange(self.num_timesteps, dtype=torch.long) if timestep_map is None else torch.as_tensor(timestep_map, dtype=torch.long)
         )
 
+        self._set_tables(betas)
+        self._device_cache: dict = {}
+
+    def _set_tables(self, betas: torch.Tensor) -> None:
+        """Every float64 array indexed by ``t``: forward-process products, posterior and variances."""
         self.betas = betas
         alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(alphas, dim=0)
@@ -120,7 +125,6 @@ class GaussianDiffusion:
         )
         self.fixed_large_log_variance = torch.log(self.fixed_large_variance)
         self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
-        self._device_cache: dict = {}
 
     # ------------------------------------------------------------------ helpers
     def _extract(self, arr: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

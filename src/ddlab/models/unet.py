@@ -102,13 +102,7 @@ class UNet(nn.Module):
         factor = 2 ** (len(channel_mult) - 1) if channel_mult else 1
         inner_size = -(-int(image_size) // factor) * factor if pad_input else int(image_size)
         self._validate(image_size, in_channels, base_channels, channel_mult, blocks, num_blocks, num_classes, dropout, pad_input)
-        attn_res = None if attention_resolutions is None else {int(r) for r in attention_resolutions}
-        level_res = [inner_size // 2**i for i in range(len(channel_mult))]
-        if attn_res is not None and any(b in ("atn", "clsAtn") for b in blocks) and not attn_res & set(level_res):
-            raise ValueError(
-                f"model.attention_resolutions={sorted(attn_res)} matches no level of this U-Net (feature-map sizes "
-                f"{level_res} for image size {image_size}): the attention blocks would never be used; choose among {level_res} or null"
-            )
+        attn_res = self._attention_sizes(attention_resolutions, blocks, channel_mult, inner_size, image_size)
         self.image_size = image_size
         self.inner_size = inner_size
         self.in_channels = in_channels
@@ -123,6 +117,31 @@ class UNet(nn.Module):
         self.class_embed = ClassEmbedding(num_classes, emb_dim) if num_classes > 0 else None
         kw = dict(dropout=dropout, use_scale_shift_norm=use_scale_shift_norm, **block_kwargs)
 
+        ch = self._build_stacks(blocks, attn_res, channel_mult, base_channels, num_blocks, inner_size, emb_dim, resblock_updown, kw)
+        self.out = nn.Sequential(norm(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, self.out_channels, 3, padding=1)))
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"model.compile_mode: unknown mode {compile_mode!r}; choose from {', '.join(COMPILE_MODES)}")
+        if compile:
+            self.compile(mode=None if compile_mode == "default" else compile_mode)
+
+    @staticmethod
+    def _attention_sizes(attention_resolutions, blocks, channel_mult, inner_size, image_size):
+        """The feature-map sizes that keep attention blocks (None = all); refuses sizes that match no level."""
+        attn_res = None if attention_resolutions is None else {int(r) for r in attention_resolutions}
+        level_res = [inner_size // 2**i for i in range(len(channel_mult))]
+        if attn_res is not None and any(b in ("atn", "clsAtn") for b in blocks) and not attn_res & set(level_res):
+            raise ValueError(
+                f"model.attention_resolutions={sorted(attn_res)} matches no level of this U-Net (feature-map sizes "
+                f"{level_res} for image size {image_size}): the attention blocks would never be used; choose among {level_res} or null"
+            )
+        return attn_res
+
+    def _build_stacks(self, blocks, attn_res, channel_mult, base_channels, num_blocks, inner_size, emb_dim, resblock_updown, kw) -> int:
+        """``conv_in``, the down, middle and up stacks (in this order, so initialisation and state-dict
+        keys are unchanged); returns the channel count entering the output head."""
+
         def names_at(res: int):
             if attn_res is None or res in attn_res:
                 return blocks
@@ -135,7 +154,7 @@ class UNet(nn.Module):
             return ResBlock(ch, ch, emb_dim, updown="up", **options_for(ResBlock, kw)) if resblock_updown else Upsample(ch)
 
         ch = base_channels * channel_mult[0]
-        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(self.in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
         skip_channels = [ch]
         res = inner_size
@@ -159,13 +178,7 @@ class UNet(nn.Module):
             if level > 0:
                 self.up.append(up_op(ch))
                 res *= 2
-        self.out = nn.Sequential(norm(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, self.out_channels, 3, padding=1)))
-        if channels_last:
-            self.to(memory_format=torch.channels_last)
-        if compile_mode not in COMPILE_MODES:
-            raise ValueError(f"model.compile_mode: unknown mode {compile_mode!r}; choose from {', '.join(COMPILE_MODES)}")
-        if compile:
-            self.compile(mode=None if compile_mode == "default" else compile_mode)
+        return ch
 
     @classmethod
     def _check_options(cls, block_kwargs: dict) -> None:
