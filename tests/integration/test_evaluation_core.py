@@ -56,10 +56,15 @@ def test_sample_defaults_to_the_checkpoints_sampler_and_guidance(run, tmp_path):
 
 
 def test_sampler_config_merges_overrides_and_replaces_on_another_target():
-    stored = {"_target_": "a.Sampler", "steps": 10, "eta": 0.5, "guidance_scale": 1.25}
+    ddim, heun = "ddlab.diffusion.samplers.ddim", "ddlab.diffusion.samplers.heun"
+    stored = {"_target_": ddim, "steps": 10, "eta": 0.5, "guidance_scale": 1.25}
     assert ev.sampler_config(stored, {"steps": 3, "guidance_scale": None}) == {**stored, "steps": 3}
-    assert ev.sampler_config(stored, {"_target_": "a.Sampler", "eta": 0.0})["guidance_scale"] == 1.25
-    assert ev.sampler_config(stored, {"_target_": "b.Other", "steps": 4}) == {"_target_": "b.Other", "steps": 4}
+    assert ev.sampler_config(stored, {"_target_": ddim, "eta": 0.0})["guidance_scale"] == 1.25
+    assert ev.sampler_config(stored, {"_target_": heun, "steps": 4}) == {"_target_": heun, "steps": 4}
+    # a checkpoint written before the per-sampler builders stores `kind` (and an unused eta)
+    legacy = {"_target_": "ddlab.diffusion.Sampler", "kind": "dpmpp_2m", "eta": 0.0, "steps": 10, "guidance_scale": 1.25}
+    assert ev.sampler_config(legacy, {"steps": 4}) == {"_target_": "ddlab.diffusion.samplers.dpmpp_2m", "steps": 4,
+                                                       "guidance_scale": 1.25}
     with pytest.raises(ValueError, match="sampler=<name>"):
         ev.sampler_config(None, {"steps": 3})
 
