@@ -104,15 +104,15 @@ def test_diffusers_unet_trains_resumes_and_samples_with_guidance(tmp_path, mnist
     ck = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ck["global_step"] == 4 and any(k.startswith("model.unet.") for k in ck["state_dict"])
     res = sample(compose([f"ckpt={resumed / 'checkpoints' / 'last.ckpt'}", f"out={tmp_path / 's'}", "n=4", "batch_size=4",
-                          "sampler.steps=2", "sampler.progress=false", "progress=false", "guidance_scale=2", "labels=[3]"],
+                          "sampler.steps=2", "progress=false", "sampler.guidance_scale=2", "labels=[3]"],
                          config_name="sample"))
     assert res["images"].shape == (4, 16, 16, 1) and res["labels"].tolist() == [3, 3, 3, 3]
     from ddlab.nll import nll
 
     rec = nll(compose([f"ckpt={resumed / 'checkpoints' / 'last.ckpt'}", f"out={tmp_path / 'nll'}", "n=2", "batch_size=2",
                        "progress=false"], config_name="nll"))
-    assert rec["bits_per_dim"] == pytest.approx(rec["prior_bpd"] + rec["vb_sum_bpd"] + rec["decoder_bpd"], rel=1e-6)
-    assert 0 < rec["bits_per_dim"] < float("inf")
+    assert rec["bpd"] == pytest.approx(rec["bpd_prior"] + rec["bpd_vb"] + rec["bpd_decoder"], rel=1e-6)
+    assert 0 < rec["bpd"] < float("inf")
 
 
 @pytest.mark.slow
