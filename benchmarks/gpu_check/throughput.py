@@ -134,12 +134,14 @@ def run_lightning(cfg, model, diffusion, loader, case: dict, device: torch.devic
 def run_bare(cfg, model, diffusion, loader, case: dict, device: torch.device, stop: _Stop) -> list[float]:
     """The same step by hand: label drop, timesteps and noise on the device, autocast (+ grad scaler
     for fp16), clipping, AdamW, EMA lerp. Returns per-batch end times."""
+    from hydra.utils import instantiate
+
     hp = cfg.module
     dtype = AUTOCAST[case["precision"]]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ema_model = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay, eps=hp.eps)
+    opt = instantiate(hp.optimizer)(model.parameters())  # the run's module.optimizer (AdamW by default)
     params, clip = list(model.parameters()), cfg.trainer.gradient_clip_val
     ends: list[float] = []
     for x, y in loader:
