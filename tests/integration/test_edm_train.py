@@ -107,3 +107,12 @@ def test_cli_trains_checkpoints_resumes_and_reloads(tmp_path):
     x = torch.zeros(2, 1, 32, 32)
     d = loaded.diffusion.denoise(loaded.model, x, torch.tensor([0.5, 10.0]), torch.tensor([3, 10]))
     assert d.shape == x.shape and torch.isfinite(d).all()
+    # the sample CLI draws from it with a sigma-space sampler (the run trained without grids: pick heun)
+    from ddlab.sample import sample
+
+    out = sample(compose([f"ckpt={resumed / 'last.ckpt'}", f"out={tmp_path / 's'}", "n=3", "batch_size=2", "progress=false",
+                          "sampler=heun", "sampler.steps=2", "sampler.guidance_scale=1.5", "labels=[3]"], config_name="sample"))
+    assert out["images"].shape == (3, 32, 32, 1) and out["sampler"]["name"] == "heun" and out["guidance_scale"] == 1.5
+    with pytest.raises(ValueError, match="sigma-space sampler"):  # ddim needs a discrete VP process
+        sample(compose([f"ckpt={resumed / 'last.ckpt'}", f"out={tmp_path / 't'}", "n=2", "progress=false", "sampler=ddim"],
+                       config_name="sample"))
