@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ddlab import config as _config  # noqa: F401  (registers resolvers)
@@ -71,8 +72,9 @@ def plan(cfg: DictConfig, loaded, names: list[str], steps: list[int]) -> list[di
                 sampler = ev.build_sampler(scfg, progress=False)
                 w = ev.resolve_guidance(sampler, k, overridden="guidance_scale" in over)
                 nfe = ev.sampler_nfe(sampler, k > 0 and w != 1.0, loaded.diffusion)
-            except ValueError as e:
-                raise ValueError(f"samplers={name}, steps={s}: {e}") from None
+            except (ValueError, InstantiationException) as e:
+                cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ is not None else e
+                raise ValueError(f"samplers={name}, steps={s}: {cause}") from None
             points.append({"sampler": name, "steps": s, "nfe": nfe, "guidance_scale": w, "_obj": sampler, "_cfg": scfg})
     return points
 
@@ -103,13 +105,19 @@ def _score_point(cfg: DictConfig, inp: dict, evaluator, p: dict, labels, out_dir
     return row, scores
 
 
+def _without_sampler_overrides(cfg: DictConfig) -> DictConfig:
+    out = cfg.copy()
+    out.sampler = OmegaConf.create({"steps": None, "guidance_scale": None, "guidance_batching": None})
+    return out
+
+
 def curve(cfg: DictConfig) -> dict:
     """Run the curve described by ``cfg`` (``configs/fid_curve.yaml``); returns the JSON record."""
     from ddlab.fid import _evaluator, _inputs
 
     names, steps = check_args(cfg)
     device = ev.setup_runtime(str(cfg.device), cfg.get("torch_threads"), cfg.get("runtime"))
-    inp = _inputs(cfg, device)
+    inp = _inputs(_without_sampler_overrides(cfg), device)  # the overrides are checked per point in plan()
     points = plan(cfg, inp["loaded"], names, steps)
     evaluator = _evaluator(cfg, inp, device)
     evaluator.reference()  # missing data / weights fail before the first point is drawn
