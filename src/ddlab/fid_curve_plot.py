@@ -22,10 +22,12 @@ def _font(size: int):
 
 
 def log_ticks(lo: float, hi: float) -> list[float]:
-    """1-2-5 ticks covering [lo, hi] (lo > 0)."""
-    ticks = []
-    for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1):
-        ticks += [m * 10.0**e for m in (1, 2, 5) if lo <= m * 10.0**e <= hi]
+    """1-2-5 ticks within [lo, hi] (lo > 0), or 1-9 ones when those are fewer than three."""
+    for mantissas in ((1, 2, 5), (1, 2, 3, 4, 5, 6, 7, 8, 9)):  # every integer mantissa when 1-2-5 gives < 3
+        ticks = [m * 10.0**e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+                 for m in mantissas if lo <= m * 10.0**e <= hi]
+        if len(ticks) >= 3:
+            break
     return ticks or [lo, hi]
 
 
@@ -48,16 +50,24 @@ def _panel(draw: ImageDraw.ImageDraw, top: int, series: dict, ylabel: str, xr: t
     ptop = top + MARGIN[1]
     ys = [y for pts in series.values() for _, y in pts]
     ylo, yhi = min(ys), max(ys)
-    pad = 0.05 * (yhi - ylo) or 0.05 * (abs(yhi) or 1.0)
-    yt = linear_ticks(ylo - pad, yhi + pad)
-    ylo, yhi = yt[0], yt[-1]
+    logy = ylo > 0 and yhi / ylo > 10  # FIDs spanning decades: log scale, so the good points stay readable
+    if logy:
+        yt = log_ticks(10 ** math.floor(math.log10(ylo)), 10 ** math.ceil(math.log10(yhi)))
+        yt = [t for t in yt if ylo / 2 <= t <= yhi * 2]
+        ylo, yhi = min(ylo, yt[0]) / 1.1, max(yhi, yt[-1]) * 1.1
+        ylabel += " (log scale)"
+    else:
+        pad = 0.05 * (yhi - ylo) or 0.05 * (abs(yhi) or 1.0)
+        yt = linear_ticks(ylo - pad, yhi + pad)
+        ylo, yhi = yt[0], yt[-1]
+    fy = math.log10 if logy else (lambda v: v)
     lx0, lx1 = math.log10(xr[0]) - 0.05, math.log10(xr[1]) + 0.05
 
     def px(x: float) -> float:
         return left + (math.log10(x) - lx0) / (lx1 - lx0) * (right - left)
 
     def py(y: float) -> float:
-        return bottom - (y - ylo) / ((yhi - ylo) or 1.0) * (bottom - ptop)
+        return bottom - (fy(y) - fy(ylo)) / ((fy(yhi) - fy(ylo)) or 1.0) * (bottom - ptop)
 
     for t in log_ticks(xr[0], xr[1]):
         draw.line([(px(t), ptop), (px(t), bottom)], fill=(225, 225, 225))
