@@ -115,3 +115,12 @@ def test_discrete_samplers_are_refused_on_edm():
     with pytest.raises(ValueError, match="ddim.*not; use a sigma-space sampler"):
         ev.sampler_nfe(ev.build_sampler(ev.named_sampler_config(None, "ddim", {"steps": 5})), False, edm)
     assert ev.sampler_nfe(ev.build_sampler(ev.named_sampler_config(None, "heun", {"steps": 5})), True, edm) == 2 * (2 * 5 - 1)
+
+
+def test_plot_ticks():
+    from ddlab.fid_curve_plot import linear_ticks, log_ticks
+
+    assert log_ticks(5, 100) == [5, 10, 20, 50, 100]
+    assert log_ticks(10, 38) == [10, 20, 30]  # 1-2-5 gives two: every integer mantissa
+    ticks = linear_ticks(0.27, 0.29)
+    assert ticks[0] <= 0.27 and ticks[-1] >= 0.29 and 3 <= len(ticks) <= 8
