@@ -17,7 +17,7 @@ N ?= 50000
 STEPS ?=
 GUIDANCE ?=
 
-.PHONY: install train test sample fid nll bench bench-gpu bench-quality classifier lint clean
+.PHONY: install train test sample fid fid-curve nll bench bench-gpu bench-quality classifier lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -40,6 +40,10 @@ sample: install  ## make sample CKPT=path [ARGS="n=64 sampler.guidance_scale=3"]
 fid: install  ## make fid CKPT=path [N=50000] [STEPS=...] [GUIDANCE=...] (default: the checkpoint's sampler)
 	@test -n "$(CKPT)" || { echo "usage: make fid CKPT=path/to/last.ckpt [N=...] [STEPS=...] [GUIDANCE=...]"; exit 2; }
 	$(PY) -m ddlab.fid ckpt=$(CKPT) n=$(N) $(if $(STEPS),sampler.steps=$(STEPS),) $(if $(GUIDANCE),sampler.guidance_scale=$(GUIDANCE),) $(ARGS)
+
+fid-curve: install  ## make fid-curve CKPT=path [ARGS="samplers=[dpmpp_2m,heun] steps=[5,10,20] n=500 fid.feature_extractor=mnist_cnn"]
+	@test -n "$(CKPT)" || { echo "usage: make fid-curve CKPT=path/to/last.ckpt [ARGS=\"samplers=[...] steps=[...] n=...\"]"; exit 2; }
+	$(PY) -m ddlab.fid_curve ckpt=$(CKPT) $(ARGS)
 
 bench: install  ## speed and memory measurements (not tests)
 	$(PY) -m benchmarks.run $(ARGS)

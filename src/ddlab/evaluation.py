@@ -172,6 +172,52 @@ def run_sampler(stored: Optional[Mapping], overrides: Optional[Mapping], num_cla
     return sampler, cfg, w
 
 
+def sampler_names() -> list[str]:
+    """The samplers ``sampler=<name>`` can name: the files of ddlab's ``configs/sampler/``."""
+    from ddlab.config import CONFIG_DIR
+
+    return sorted(p.stem for p in (CONFIG_DIR / "sampler").glob("*.yaml"))
+
+
+def named_sampler_config(stored: Optional[Mapping], name: str, overrides: Optional[Mapping] = None) -> dict:
+    """The config of sampler ``name`` (``configs/sampler/<name>.yaml``) for a run whose checkpoint
+    stores ``stored``: the stored config itself when it is that sampler, else the file's settings
+    with the stored values of the keys both take (guidance, its batching, clipping, ...); then the
+    non-null ``overrides`` merged as in :func:`sampler_config`. Comparing samplers on one run this way
+    keeps the run's guidance unless it is overridden."""
+    from omegaconf import OmegaConf
+
+    from ddlab.config import CONFIG_DIR
+
+    names = sampler_names()
+    if name not in names:
+        raise ValueError(f"sampler: unknown sampler {name!r}; choose from {', '.join(names)}")
+    base = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "sampler" / f"{name}.yaml"), resolve=True)
+    if stored:
+        from ddlab.diffusion.samplers import sampler_config as builder_form
+
+        old = builder_form(stored) if str(stored.get("_target_", "")).startswith("ddlab.diffusion.") else dict(stored)
+        if old.get("_target_") == base["_target_"]:
+            base = old
+        else:
+            base.update({k: v for k, v in old.items() if k in base and k != "_target_"})
+    return sampler_config(base, overrides)
+
+
+def sampler_nfe(sampler, guided: bool, diffusion) -> int:
+    """Network forwards per image of one ``sampler.sample`` call on ``diffusion`` (guidance's extra
+    forward counted when ``guided``); a sampler that cannot run on this formulation (a discrete-timestep
+    sampler on EDM, say) is refused with a ValueError, before anything is sampled."""
+    import inspect
+
+    if "diffusion" in inspect.signature(sampler.nfe).parameters:
+        return int(sampler.nfe(guided, diffusion=diffusion))
+    if not hasattr(diffusion, "alphas_cumprod"):  # diffusers' schedulers step discrete VP timesteps
+        raise ValueError(f"sampler {sampler_name(sampler, {})!r} needs a discrete VP process (GaussianDiffusion), which "
+                         f"{type(diffusion).__name__} is not; use a sigma-space sampler (euler, heun, dpmpp_2m_sigma, ...)")
+    return int(sampler.nfe(guided))
+
+
 # ----------------------------------------------------------------------------- labels and drawing
 def balanced_labels(n: int, num_classes: int, seed: int = 0) -> Optional[torch.Tensor]:
     """``(n,)`` int64 labels with every class ``n // K`` or ``n // K + 1`` times, in an order shuffled
