@@ -113,7 +113,8 @@ def sampler_config(stored: Optional[Mapping], overrides: Optional[Mapping] = Non
 
     over = OmegaConf.to_container(OmegaConf.create(dict(overrides or {})), resolve=True)
     over = _drop_nulls(over)
-    if stored:  # checkpoints written before samplers had their own builders store `kind`: map them
+    if stored and str(stored.get("_target_", "")) == "ddlab.diffusion.Sampler":
+        # checkpoints written before samplers had their own builders store `kind`: map them
         from ddlab.diffusion.samplers import sampler_config as builder_form
 
         stored = builder_form(stored)
