@@ -74,14 +74,15 @@ def features_to_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def save_stats(path: Path, key: str, mu: np.ndarray, sigma: np.ndarray, num_images: int, features: np.ndarray | None = None) -> None:
-    """Write the statistics atomically (``<path>.tmp.npz`` then rename)."""
+    """Write the statistics atomically (:func:`ddlab.io.atomic_write`)."""
+    from ddlab.io import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
     arrays = {"key": np.array(key), "mu": mu, "sigma": sigma, "num_images": np.array(int(num_images))}
     if features is not None:
         arrays["features"] = np.asarray(features, dtype=np.float32)
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
 
 
 def load_stats(path: str | os.PathLike, expected_key: str | None = None, feature_dim: int | None = None) -> ReferenceStats:

@@ -80,14 +80,15 @@ def weights_hash(state_dict: dict) -> str:
 
 
 def save_classifier(model: MnistCNN, path: str | os.PathLike, **record: Any) -> Path:
-    """Write ``{"state_dict", "config", "sha256", **record}`` atomically (temporary file + rename)."""
+    """Write ``{"state_dict", "config", "sha256", **record}`` atomically (:func:`ddlab.io.atomic_write`)."""
+    from ddlab.io import atomic_write
+
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     blob = {"state_dict": sd, "config": model.config, "sha256": weights_hash(sd), "name": NAME, **record}
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, p)
+    with atomic_write(p) as f:
+        torch.save(blob, f)
     return p
 
 
