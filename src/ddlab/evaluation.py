@@ -105,6 +105,17 @@ def _drop_nulls(node: Any) -> Any:
     return node
 
 
+def _current_form(stored: Optional[Mapping]) -> dict:
+    """A stored sampler config as today's builders take it: checkpoints written before samplers had
+    their own builders store ``_target_: ddlab.diffusion.Sampler`` with ``kind``, which is mapped;
+    any other config (``sampler=diffusers``, a user's sampler) is kept as is."""
+    if stored and str(stored.get("_target_", "")) == "ddlab.diffusion.Sampler":
+        from ddlab.diffusion.samplers import sampler_config as builder_form
+
+        return builder_form(stored)
+    return dict(stored or {})
+
+
 def sampler_config(stored: Optional[Mapping], overrides: Optional[Mapping] = None) -> dict:
     """The sampler config to use: the run's ``stored`` config merged (OmegaConf) with the non-null
     ``overrides``. Overrides that name another ``_target_`` (``sampler=<name>`` on the command line)
@@ -113,12 +124,7 @@ def sampler_config(stored: Optional[Mapping], overrides: Optional[Mapping] = Non
 
     over = OmegaConf.to_container(OmegaConf.create(dict(overrides or {})), resolve=True)
     over = _drop_nulls(over)
-    if stored and str(stored.get("_target_", "")) == "ddlab.diffusion.Sampler":
-        # checkpoints written before samplers had their own builders store `kind`: map them
-        from ddlab.diffusion.samplers import sampler_config as builder_form
-
-        stored = builder_form(stored)
-    stored = dict(stored or {})
+    stored = _current_form(stored)
     if "_target_" in over and over["_target_"] != stored.get("_target_"):
         stored = {}
     if "_target_" not in stored and "_target_" not in over:
@@ -195,9 +201,7 @@ def named_sampler_config(stored: Optional[Mapping], name: str, overrides: Option
         raise ValueError(f"sampler: unknown sampler {name!r}; choose from {', '.join(names)}")
     base = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "sampler" / f"{name}.yaml"), resolve=True)
     if stored:
-        from ddlab.diffusion.samplers import sampler_config as builder_form
-
-        old = builder_form(stored) if str(stored.get("_target_", "")).startswith("ddlab.diffusion.") else dict(stored)
+        old = _current_form(stored)
         if old.get("_target_") == base["_target_"]:
             base = old
         else:
