@@ -83,7 +83,8 @@ def train_ddlab(budget: float, out: Path, threads: int, overrides: list[str]) ->
 
 
 def sample_ddlab(ckpt: str, n: int, steps: int | None, guidance: float | None, seed: int, batch_size: int,
-                 kind: str | None = None, guidance_batching: str = "auto") -> tuple[np.ndarray, np.ndarray, dict]:
+                 kind: str | None = None, guidance_batching: str = "auto",
+                 options: dict | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     from ddlab.checkpoint import load_checkpoint
     from ddlab.diffusion.samplers import SAMPLERS, sampler_config
     from ddlab.evaluation import balanced_labels, generate_uint8
@@ -97,6 +98,7 @@ def sample_ddlab(ckpt: str, n: int, steps: int | None, guidance: float | None, s
     if guidance is not None:
         scfg["guidance_scale"] = guidance
     scfg["guidance_batching"] = guidance_batching
+    scfg.update(options or {})
     sampler = SAMPLERS[name](**scfg, progress=False)
     scfg = {"kind": name, **scfg}  # the record names the sampler
     labels = balanced_labels(n, loaded.model.num_classes, seed)
@@ -153,6 +155,24 @@ def parse_sampler_spec(spec: str, option: str = "--ddlab-samplers") -> tuple[str
                      "(e.g. 20, dpmpp_2m:10, dpmpp_2m:10:2)")
 
 
+def parse_sampler_options(text: str) -> dict:
+    """``--ddlab-sampler-args "key=value ..."`` -> a dict (values read as YAML: ``guidance_interval=[0.3,5]``)."""
+    import yaml
+
+    options = {}
+    for item in text.split():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--ddlab-sampler-args: cannot read {item!r}; use key=value, e.g. guidance_interval=[0.3,5]")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def _interval(sampler: dict) -> str:
+    gi = sampler.get("guidance_interval")
+    return "" if gi is None else f" in ({gi[0]:g}, {gi[1]:g}]"
+
+
 def _markdown(result: dict) -> str:
     lines = [f"Budget {result['budget_s']:.0f} s per system, {result['samples']} guided samples each, "
              f"{result['machine']['cpu_threads']} torch threads on {result['machine']['host']} ({result['date']}).", "",
@@ -160,7 +180,7 @@ def _markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         s = r["sampler"]
-        lines.append(f"| {r['system']} | {r['params'] / 1e6:.2f} M | {r['images_per_s']:.0f} | {s['kind']}-{s['steps']} w={s['guidance_scale']} "
+        lines.append(f"| {r['system']} | {r['params'] / 1e6:.2f} M | {r['images_per_s']:.0f} | {s['kind']}-{s['steps']} w={s['guidance_scale']}{_interval(s)} "
                      f"| {r['sampling_seconds']:.1f} | {r['fid']:.3f} | {r['kid_mean']:.4f} | {r['class_accuracy']:.3f} | {r['class_entropy']:.3f} |")
     if result.get("search"):
         lines += ["", f"Baseline search ({result['search_budget_s']:.0f} s each, {result['search_samples']} samples, DDIM-{result['search_steps']}):", "",
@@ -178,6 +198,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--systems", default="ddlab,baseline")
     p.add_argument("--ddlab-samplers", default="", help="extra ddlab samplers to score: [kind:]steps[:guidance], e.g. dpmpp_2m:10,ddim:20,dpmpp_2m:10:2")
+    p.add_argument("--ddlab-sampler-args", default="",
+                   help="sampler options for every ddlab sampler scored (space separated key=value), "
+                        "e.g. \"guidance_interval=[0.3,5] clip_x0=false\"")
     p.add_argument("--sample-batch", type=int, default=100, help="sampling batch (CPU throughput drops for very large batches)")
     p.add_argument("--ddlab-args", default="", help="extra Hydra overrides for the ddlab run (space separated)")
     p.add_argument("--ddlab-ckpt", default=None, help="score this checkpoint instead of training ddlab")
@@ -208,6 +231,7 @@ def _sampler_specs(args) -> tuple[list, list]:
     """The extra ddlab samplers and the baseline's (steps, guidance) settings, read before any training
     so a typo fails in a second, not after the budget."""
     ddlab_specs = [parse_sampler_spec(spec) for spec in args.ddlab_samplers.split(",") if spec]
+    parse_sampler_options(args.ddlab_sampler_args)
     baseline_specs = [(args.baseline_steps, args.guidance)]
     for kind, steps, g in (parse_sampler_spec(spec, "--baseline-samplers") for spec in args.baseline_samplers.split(",") if spec):
         if kind not in (None, "ddim"):
@@ -250,7 +274,8 @@ def _run_ddlab(args, ddlab_specs: list, scorer: Scorer, work: Path, result: dict
         info = train_ddlab(args.budget, work / "ddlab", args.threads, extra)
     for kind, steps, guidance in [(None, None, None), *ddlab_specs]:
         images, labels, smp = sample_ddlab(info["ckpt"], args.samples, steps, guidance, seed=1, batch_size=args.sample_batch,
-                                           kind=kind, guidance_batching=args.guidance_batching)
+                                           kind=kind, guidance_batching=args.guidance_batching,
+                                           options=parse_sampler_options(args.ddlab_sampler_args))
         row = {"system": "ddlab", **{k: v for k, v in info.items() if k != "ckpt"}, **smp, **scorer(images, labels)}
         sc = smp["sampler"]
         save_grid(images, labels, work / f"ddlab_{sc['kind']}{sc['steps']}_w{sc['guidance_scale']:g}.png")

@@ -130,3 +130,77 @@ def test_sigma_samplers_run_a_sigma_only_formulation_with_guidance():
     x = s.sample(net, SigmaOnly(), (2, 1, 2, 2), y=torch.tensor([1, 2]), guidance_scale=1.5,
                  generator=torch.Generator().manual_seed(0))
     assert x.shape == (2, 1, 2, 2) and x.abs().max() <= 1 and net.rows == 2 * s.nfe(True)
+
+
+class RecordingNet(CountingNet):
+    """Records, per forward, its time input and whether it was the unconditional (null-label) pass."""
+
+    def __init__(self, num_classes=3):
+        super().__init__(num_classes)
+        self.calls = []
+
+    def forward(self, x, t, y=None):
+        self.calls.append((float(t[0]), y is not None and bool((y == self.num_classes).all())))
+        return super().forward(x, t, y)
+
+
+def _guided_times(net):
+    return [t for t, uncond in net.calls if uncond]
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "dpmpp_2m_sigma"])
+def test_guidance_interval_guides_exactly_the_sigmas_inside_it_sigma_space(name):
+    lo, hi = 0.5, 20.0
+    net = RecordingNet()
+    kw = {"s_churn": 2.0} if name == "heun" else {}
+    s = SAMPLERS[name](steps=6, guidance_interval=[lo, hi], guidance_batching="split", progress=False, **kw)
+    s.sample(net, SigmaOnly(), (2, 1, 2, 2), y=torch.tensor([0, 1]), guidance_scale=2.0,
+             generator=torch.Generator().manual_seed(0))
+    guided = [torch.tensor(4 * t).exp().item() for t in _guided_times(net)]  # SigmaOnly feeds t = log(sigma) / 4
+    evals = s.eval_sigmas(SigmaOnly())
+    assert guided == pytest.approx([v for v in evals if lo < v <= hi], rel=1e-5)
+    assert 0 < len(guided) < len(evals)  # the interval cuts the schedule on both sides
+    assert net.rows == 2 * s.nfe(True, SigmaOnly())
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m"])
+def test_guidance_interval_guides_exactly_the_sigmas_inside_it_discrete(name):
+    d = GaussianDiffusion(num_timesteps=100)
+    ab = d.alphas_cumprod.double()
+    sigma_of_t = ((1 - ab) / ab).sqrt()
+    lo, hi = 0.3, 3.0
+    net = RecordingNet()
+    s = SAMPLERS[name](steps=10, guidance_interval=[lo, hi], guidance_batching="split", progress=False)
+    s.sample(net, d, (2, 1, 2, 2), y=torch.tensor([0, 1]), guidance_scale=2.0)
+    guided = [float(sigma_of_t[round(t)]) for t in _guided_times(net)]
+    all_sigmas = [float(sigma_of_t[round(t)]) for t, uncond in net.calls if not uncond]  # one conditional pass per step
+    assert guided == [v for v in all_sigmas if lo < v <= hi] and 0 < len(guided) < len(all_sigmas)
+    assert net.rows == 2 * s.nfe(True, d)
+
+
+def test_guidance_interval_covering_everything_is_plain_guidance_and_an_empty_one_is_none():
+    d = GaussianDiffusion(num_timesteps=50)
+    y, noise = torch.tensor([0, 1]), torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+
+    class Net(CountingNet):
+        def forward(self, x, t, y=None):
+            return 0.5 * x + 0.1 * (y.view(-1, 1, 1, 1).float() + 1)
+
+    def run(interval, w):
+        s = samplers.dpmpp_2m(steps=8, guidance_interval=interval, progress=False)
+        return s.sample(Net(), d, noise.shape, y=y, noise=noise, guidance_scale=w)
+
+    assert torch.equal(run([0.0, 1e9], 3.0), run(None, 3.0))
+    assert torch.equal(run([1e8, 1e9], 3.0), run(None, 1.0))
+    assert not torch.equal(run([0.5, 5.0], 3.0), run(None, 3.0))
+
+
+def test_guidance_interval_bad_values_name_the_key():
+    for bad in ([5.0, 0.3], [1.0], "wide", [-1.0, 2.0]):
+        with pytest.raises(ValueError, match="sampler.guidance_interval"):
+            samplers.dpmpp_2m(guidance_interval=bad)
+    s = samplers.heun(steps=4, guidance_interval=[0.3, 5])
+    assert s.guidance_interval == (0.3, 5.0) and s.replace(steps=5).guidance_interval == (0.3, 5.0)
+    with pytest.raises(ValueError, match="call nfe"):
+        s.nfe(True)
+    assert s.nfe(False) == 7  # without guidance the interval does not matter

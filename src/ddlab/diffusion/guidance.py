@@ -53,6 +53,27 @@ def guided_model_fn(model: nn.Module, guidance_scale: float = 1.0, channels: Opt
     return fn
 
 
+def check_guidance_interval(interval) -> Optional[tuple[float, float]]:
+    """``sampler.guidance_interval``: null (guide at every noise level) or ``[sigma_lo, sigma_hi]``,
+    returned as a pair of floats with ``0 <= sigma_lo < sigma_hi``."""
+    if interval is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"sampler.guidance_interval must be null or [sigma_lo, sigma_hi], got {interval!r}") from None
+    if not 0.0 <= lo < hi:
+        raise ValueError(f"sampler.guidance_interval=[{lo}, {hi}]: needs 0 <= sigma_lo < sigma_hi (noise levels sigma, "
+                         "as in EDM: sigma = sqrt((1 - alpha_bar) / alpha_bar) for VP models)")
+    return lo, hi
+
+
+def guides_at(sigma: float, interval: Optional[tuple[float, float]]) -> bool:
+    """Whether guidance applies at noise level ``sigma``: always without an interval, else for
+    ``sigma_lo < sigma <= sigma_hi`` (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval")."""
+    return interval is None or interval[0] < float(sigma) <= interval[1]
+
+
 def check_guidance(model: nn.Module, y: Optional[torch.Tensor], guidance_scale: float) -> None:
     """Fail early when labels or guidance are asked of a model trained without labels."""
     num_classes = int(getattr(model, "num_classes", 0))

@@ -15,9 +15,9 @@ A builder (``ddlab.diffusion.samplers.ddim``, ...) takes the settings every samp
 has plus the solver's own, rejects any other key naming the valid ones, and returns a configured
 sampler (:mod:`ddlab.diffusion.sampling`). Common keys, discrete: ``steps`` (null: every training
 step), ``spacing`` (leading | trailing | linspace), ``step_size``, ``clip_x0``, ``guidance_scale``,
-``guidance_batching``, ``progress``; sigma space: ``steps``, ``schedule`` (karras | model),
+``guidance_batching``, ``guidance_interval``, ``progress``; sigma space: ``steps``, ``schedule`` (karras | model),
 ``sigma_min``, ``sigma_max`` (null: the model's), ``rho``, ``spacing`` (for ``schedule=model``),
-``clip_x0``, ``guidance_scale``, ``guidance_batching``, ``progress``.
+``clip_x0``, ``guidance_scale``, ``guidance_batching``, ``guidance_interval``, ``progress``.
 Adding a sampler is one loop and one builder here, and one YAML file.
 """
 
@@ -31,9 +31,9 @@ import torch
 from .sampling import DiscreteSampler, SigmaSampler
 
 DISCRETE_DEFAULTS = dict(steps=50, spacing="trailing", step_size=None, clip_x0=True, guidance_scale=1.0,
-                         guidance_batching="auto", progress=True)
+                         guidance_batching="auto", guidance_interval=None, progress=True)
 SIGMA_DEFAULTS = dict(steps=20, schedule="karras", sigma_min=None, sigma_max=None, rho=7.0, spacing="trailing",
-                      clip_x0=True, guidance_scale=1.0, guidance_batching="auto", progress=True)
+                      clip_x0=True, guidance_scale=1.0, guidance_batching="auto", guidance_interval=None, progress=True)
 
 
 def _steps(indices, progress: bool, desc: str):
@@ -120,8 +120,7 @@ def sample_heun(model_fn, x, schedule, s_churn=0.0, s_tmin=0.0, s_tmax=None, s_n
     s = schedule.tolist()
     n = len(s) - 1
     for i in _steps(range(n), progress, "heun"):
-        churn = s_tmin <= s[i] <= (math.inf if s_tmax is None else s_tmax)
-        gamma = min(s_churn / n, math.sqrt(2) - 1) if churn else 0.0
+        gamma = _heun_gamma(s[i], n, s_churn, s_tmin, s_tmax)
         sigma_hat = s[i] * (1 + gamma)
         if gamma > 0:
             x = x + s_noise * math.sqrt(sigma_hat**2 - s[i] ** 2) * _randn(x, generator)
@@ -135,6 +134,23 @@ def sample_heun(model_fn, x, schedule, s_churn=0.0, s_tmin=0.0, s_tmax=None, s_n
         if callback:
             callback({"i": i, "sigma": s[i], "sigma_hat": sigma_hat, "x": x, "denoised": denoised})
     return x
+
+
+def _heun_gamma(sigma: float, n: int, s_churn: float, s_tmin: float, s_tmax: Optional[float]) -> float:
+    """EDM algorithm 2's churn ``gamma`` at noise level ``sigma`` of an ``n``-step schedule."""
+    churn = s_tmin <= sigma <= (math.inf if s_tmax is None else s_tmax)
+    return min(s_churn / n, math.sqrt(2) - 1) if churn else 0.0
+
+
+def heun_eval_sigmas(s: list, options: dict) -> list:
+    """The noise level of each network evaluation of :func:`sample_heun` over the schedule ``s``:
+    ``sigma_hat`` of every step, then the step's end point unless it is 0."""
+    n, out = len(s) - 1, []
+    for i in range(n):
+        out.append(s[i] * (1 + _heun_gamma(s[i], n, options["s_churn"], options["s_tmin"], options["s_tmax"])))
+        if s[i + 1] > 0:
+            out.append(s[i + 1])
+    return out
 
 
 def sample_dpmpp_2m_sigma(model_fn, x, schedule, generator=None, callback=None, progress=False):
@@ -195,10 +211,11 @@ def sample_dpmpp_2m_sde(model_fn, x, schedule, eta=1.0, s_noise=1.0, generator=N
 
 
 # ---------------------------------------------------------------------------- builders (Hydra targets)
-def _build(cls, defaults, name, loop, options, kwargs, evals=None):
+def _build(cls, defaults, name, loop, options, kwargs, evals=None, **extra):
     common = {**defaults, **{k: v for k, v in kwargs.items() if k in defaults}}
     unknown = {k: v for k, v in kwargs.items() if k not in defaults}
-    extra = {} if evals is None else {"evals_per_step": evals}
+    if evals is not None:
+        extra["evals_per_step"] = evals
     return cls(name, loop, options, {**common, **options}, unknown, **extra)
 
 
@@ -238,7 +255,8 @@ def heun(s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: Optional[float] = No
         raise ValueError(f"sampler.s_churn, s_tmin and s_noise must be >= 0, got {s_churn}, {s_tmin}, {s_noise}")
     opts = {"s_churn": float(s_churn), "s_tmin": float(s_tmin), "s_tmax": None if s_tmax is None else float(s_tmax),
             "s_noise": float(s_noise)}
-    return _build(SigmaSampler, SIGMA_DEFAULTS, "heun", sample_heun, opts, kwargs, evals=lambda n: 2 * n - 1)
+    return _build(SigmaSampler, SIGMA_DEFAULTS, "heun", sample_heun, opts, kwargs, evals=lambda n: 2 * n - 1,
+                  eval_sigmas=heun_eval_sigmas)
 
 
 def dpmpp_2m_sigma(**kwargs) -> SigmaSampler:

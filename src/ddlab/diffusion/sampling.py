@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .guidance import GUIDANCE_BATCHING, check_guidance, guided_model_fn, resolve_guidance_batching  # noqa: F401 (old imports)
+from .guidance import check_guidance_interval, guides_at
 from .respace import SPACINGS, space_timesteps
 from .sigmas import as_denoiser, karras_sigmas
 
@@ -35,7 +36,10 @@ class ConfiguredSampler:
     """Settings shared by every sampler; ``options`` are the solver's own (e.g. ``eta``).
 
     Attributes read by callers: ``name``, ``steps``, ``guidance_scale``, ``guidance_batching``,
-    ``progress`` (False: no progress bar at all), ``config`` (the builder's arguments, as in YAML).
+    ``guidance_interval``, ``progress`` (False: no progress bar at all), ``config`` (the builder's
+    arguments, as in YAML). ``guidance_interval = [sigma_lo, sigma_hi]`` guides only the network
+    evaluations at noise levels ``sigma_lo < sigma <= sigma_hi`` (the others run one unguided forward);
+    null guides every evaluation.
     """
 
     space = ""  # "discrete" or "sigma"
@@ -46,10 +50,12 @@ class ConfiguredSampler:
             raise ValueError(f"sampler.{sorted(unknown)[0]}: not an option of sampler {name!r}; valid options: {valid}")
         self.name, self.loop, self.options, self.config = name, loop, dict(options), dict(config)
         self._evals = evals_per_step
+        self._formulation = None  # the last process sampled or checked (for nfe with a guidance interval)
         self.steps = config["steps"]
         self.clip_x0 = bool(config["clip_x0"])
         self.guidance_scale = float(config["guidance_scale"])
         self.guidance_batching = config["guidance_batching"]
+        self.guidance_interval = check_guidance_interval(config["guidance_interval"])
         self.progress = bool(config["progress"])
         if self.guidance_scale < 0:
             raise ValueError(f"sampler.guidance_scale must be >= 0, got {self.guidance_scale}")
@@ -60,16 +66,25 @@ class ConfiguredSampler:
         the public attributes callers may have set (``guidance_scale``, ``progress``, ...) carry over."""
         from . import samplers
 
-        current = {k: getattr(self, k) for k in ("steps", "clip_x0", "guidance_scale", "guidance_batching", "progress")}
+        keys = ("steps", "clip_x0", "guidance_scale", "guidance_batching", "guidance_interval", "progress")
+        current = {k: getattr(self, k) for k in keys}
+        if current["guidance_interval"] is not None:
+            current["guidance_interval"] = list(current["guidance_interval"])
         return samplers.SAMPLERS[self.name](**{**self.config, **current, **changes})
 
     def nfe(self, guided: bool, diffusion=None) -> int:
-        """Network forwards per image for one :meth:`sample` call (guidance's extra pass counted).
-        ``diffusion`` is needed only when the step count depends on the training T (``steps=null``
-        or ``step_size``) and nothing was sampled yet."""
+        """Network forwards per image for one :meth:`sample` call (guidance's extra pass counted, only
+        inside ``guidance_interval`` when one is set). ``diffusion`` is needed when the count depends on
+        the process (``steps=null``, ``step_size`` or a guidance interval) and nothing was sampled yet."""
         if diffusion is not None:
             self._check(diffusion)
-        return self._evals(self._num_steps()) * (2 if guided else 1)
+        evals = self._evals(self._num_steps())
+        if not guided or self.guidance_interval is None:
+            return evals * (2 if guided else 1)
+        if self._formulation is None:
+            raise ValueError(f"sampler {self.name}: with a guidance_interval the number of guided forwards depends on "
+                             "the noise levels: call nfe(guided, diffusion)")
+        return evals + sum(guides_at(s, self.guidance_interval) for s in self.eval_sigmas(self._formulation))
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
@@ -85,16 +100,25 @@ class ConfiguredSampler:
         check_guidance(model, y, w)
         self._check(diffusion)
         device = next(model.parameters()).device
-        fn = guided_model_fn(model, w, channels=shape[1], batching=resolve_guidance_batching(self.guidance_batching, device))
+        guided = guided_model_fn(model, w, channels=shape[1], batching=resolve_guidance_batching(self.guidance_batching, device))
+        interval = self.guidance_interval
+
+        def fn_at(sigma: float):  # the network function for an evaluation at noise level sigma
+            return guided if guides_at(sigma, interval) else model
+
         x = noise.to(device) if noise is not None else torch.randn(*shape, device=device, generator=generator)
         if tuple(x.shape) != tuple(shape):
             raise ValueError(f"noise has shape {tuple(x.shape)}, expected {tuple(shape)}")
         if y is not None:
             y = torch.as_tensor(y, device=device, dtype=torch.long)
-        return self._run(fn, diffusion, x, y, generator, callback).clamp(-1.0, 1.0)
+        return self._run(fn_at, diffusion, x, y, generator, callback).clamp(-1.0, 1.0)
 
     def _check(self, diffusion) -> None:
-        pass
+        self._formulation = diffusion
+
+    def eval_sigmas(self, diffusion) -> list[float]:
+        """The noise level of each network evaluation of one :meth:`sample` call, in order."""
+        raise NotImplementedError
 
 
 class DiscreteSampler(ConfiguredSampler):
@@ -119,7 +143,7 @@ class DiscreteSampler(ConfiguredSampler):
                 f"which {type(diffusion).__name__} is not; use a sigma-space sampler: sampler=euler, sampler=heun, "
                 "sampler=dpmpp_2m_sigma, sampler=euler_ancestral or sampler=dpmpp_2m_sde"
             )
-        self._num_timesteps = diffusion.num_timesteps
+        self._formulation, self._num_timesteps = diffusion, diffusion.num_timesteps
 
     def respaced(self, diffusion):
         """The process over the kept timesteps (the training process itself when all are kept)."""
@@ -134,12 +158,17 @@ class DiscreteSampler(ConfiguredSampler):
                              "training T: call nfe(guided, diffusion)")
         return len(space_timesteps(self._num_timesteps, self.steps, self.spacing, self.step_size))
 
-    def _run(self, fn, diffusion, x, y, generator, callback):
+    def eval_sigmas(self, diffusion) -> list[float]:
+        ab = self.respaced(diffusion).alphas_cumprod.to(torch.float64).flip(0)
+        return ((1 - ab) / ab).sqrt().tolist()
+
+    def _run(self, fn_at, diffusion, x, y, generator, callback):
         d = self.respaced(diffusion)
+        sigmas = ((1 - d.alphas_cumprod.to(torch.float64)) / d.alphas_cumprod.to(torch.float64)).sqrt().tolist()
 
         def model_fn(x_t: torch.Tensor, i: int) -> dict:
             t = torch.full((x_t.shape[0],), i, device=x_t.device, dtype=torch.long)
-            return d.p_mean_variance(fn, x_t, t, y, clip_x0=self.clip_x0)
+            return d.p_mean_variance(fn_at(sigmas[i]), x_t, t, y, clip_x0=self.clip_x0)
 
         return self.loop(model_fn, x, d, generator=generator, callback=callback, progress=self.progress, **self.options)
 
@@ -152,8 +181,9 @@ class SigmaSampler(ConfiguredSampler):
 
     space = "sigma"
 
-    def __init__(self, name, loop, options, config, unknown, evals_per_step=lambda n: n):
+    def __init__(self, name, loop, options, config, unknown, evals_per_step=lambda n: n, eval_sigmas=None):
         super().__init__(name, loop, options, config, unknown, evals_per_step)
+        self._eval_sigmas = eval_sigmas  # (sigmas, options) -> the sigma of each evaluation; None: one per step
         _int_or_none("steps", self.steps, "an integer >= 1")
         if self.steps is None:
             raise ValueError("sampler.steps must be an integer >= 1 for sigma-space samplers, got None")
@@ -180,14 +210,18 @@ class SigmaSampler(ConfiguredSampler):
         kept = space_timesteps(len(own), self.steps, self.spacing)
         return torch.cat([own[kept].flip(0), torch.zeros(1, dtype=torch.float64)])
 
-    def _run(self, fn, diffusion, x, y, generator, callback):
+    def eval_sigmas(self, diffusion) -> list[float]:
+        s = self.sigmas(as_denoiser(diffusion)).tolist()
+        return s[:-1] if self._eval_sigmas is None else self._eval_sigmas(s, self.options)
+
+    def _run(self, fn_at, diffusion, x, y, generator, callback):
         den = as_denoiser(diffusion)
         sigmas = self.sigmas(den)  # float64 on the CPU; the loops read them as Python floats
         dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
         def denoiser(x_s: torch.Tensor, sigma: float) -> torch.Tensor:
             s = torch.full((x_s.shape[0],), float(sigma), device=x_s.device, dtype=dtype)
-            out = den.denoise(fn, x_s, s, y)
+            out = den.denoise(fn_at(sigma), x_s, s, y)
             return out.clamp(-1.0, 1.0) if self.clip_x0 else out
 
         return self.loop(denoiser, x * float(sigmas[0]), sigmas, generator=generator, callback=callback,
