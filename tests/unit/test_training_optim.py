@@ -143,3 +143,38 @@ def test_a_step_that_is_not_logged_reads_nothing_back_to_the_host(monkeypatch):
             calls.clear()
             m.training_step((x, torch.zeros(4, dtype=torch.long)), 0)
             assert calls == [], calls
+
+
+def test_time_decay_follows_the_share_of_the_budget_spent():
+    f = WarmupDecay(warmup_steps=4, decay="cosine", min_lr_ratio=0.1, decay_over="time")  # no total_steps needed
+    assert [f(s) for s in range(3)] == [0.25, 0.5, 0.75]  # warm-up still counts steps
+    for frac in (0.0, 0.3, 0.5, 0.9, 1.0, 1.7):
+        f.time_fraction = frac
+        c = min(frac, 1.0)
+        assert f(500) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * c)))
+    with pytest.raises(ValueError, match="module.lr_scheduler.decay_over: unknown value 'epochs'"):
+        WarmupDecay(decay="linear", decay_over="epochs")
+    with pytest.raises(ValueError, match="decay_over=time"):  # the step-based error points to the time-based decay
+        WarmupDecay(decay="linear")
+
+
+def _fit_tiny(max_time, tmp_path):
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    m = _module(lr_scheduler=functools.partial(warmup_decay, warmup_steps=0, decay="cosine", min_lr_ratio=0.0, decay_over="time"))
+    data = DataLoader(TensorDataset(torch.randn(4096, 1, 8, 8), torch.zeros(4096, dtype=torch.long)), batch_size=4)
+    trainer = L.Trainer(max_time=max_time, max_epochs=1 if max_time is None else None, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_train_batches=3 if max_time is None else None, default_root_dir=tmp_path)
+    trainer.fit(m, data)
+    return trainer
+
+
+def test_time_decay_reaches_the_bottom_when_the_budget_ends(tmp_path):
+    trainer = _fit_tiny({"seconds": 2}, tmp_path)
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    assert sched.lr_lambdas[0].time_fraction > 0.9  # the last step saw almost all of the budget spent
+    assert trainer.optimizers[0].param_groups[0]["lr"] < 0.05 * sched.base_lrs[0]
+    with pytest.raises(ValueError, match="decay_over=time decays over trainer.max_time, which is not set"):
+        _fit_tiny(None, tmp_path)

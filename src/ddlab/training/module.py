@@ -153,6 +153,31 @@ class DiffusionModule(pl.LightningModule):
         for i in range(4):
             self.log(f"train/loss_q{i}", per_q[i], **log)
 
+    def _time_decays(self) -> list:
+        """The LR schedule's ``lr_lambda`` objects that decay over the time budget (``decay_over=time``)."""
+        out = []
+        for cfg in getattr(self.trainer, "lr_scheduler_configs", None) or []:
+            out += [fn for fn in getattr(cfg.scheduler, "lr_lambdas", []) if getattr(fn, "decay_over", None) == "time"]
+        return out
+
+    def _budget_timer(self):
+        from lightning.pytorch.callbacks import Timer
+
+        return next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+
+    def on_train_start(self) -> None:
+        if self._time_decays() and self._budget_timer() is None:
+            raise ValueError("module.lr_scheduler.decay_over=time decays over trainer.max_time, which is not set: "
+                             "set trainer.max_time (e.g. 00:00:10:00) or use decay_over=steps")
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        decays = self._time_decays()
+        if decays:  # the share of the time budget spent, from Lightning's Timer (restored on resume)
+            timer = self._budget_timer()
+            elapsed, left = timer.time_elapsed("train"), timer.time_remaining("train")
+            for fn in decays:
+                fn.time_fraction = elapsed / max(elapsed + left, 1e-9)
+
     def on_before_optimizer_step(self, optimizer) -> None:
         if self._is_log_step():
             norms = grad_norm(self.model, norm_type=2)
