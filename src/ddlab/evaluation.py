@@ -147,14 +147,17 @@ def sampler_name(sampler, cfg: Mapping) -> str:
             or str(cfg.get("_target_", type(sampler).__name__)).rsplit(".", 1)[-1])
 
 
-def describe_sampler(sampler, cfg: Mapping, guidance_scale: float) -> dict:
-    """The sampler settings for records and logs: its name, its config keys, steps and guidance used."""
+def describe_sampler(sampler, cfg: Mapping, guidance_scale: float, diffusion=None) -> dict:
+    """The sampler settings for records and logs: its name, its config keys, steps and guidance used,
+    and its NFE (on ``diffusion`` when given: the count can depend on the process, e.g. with a
+    ``guidance_interval``)."""
     settings = {k: v for k, v in cfg.items() if k not in ("_target_", "progress")}
     settings.update(name=sampler_name(sampler, cfg), target=cfg.get("_target_"), steps=getattr(sampler, "steps", None),
                     guidance_scale=float(guidance_scale))
     nfe = getattr(sampler, "nfe", None)
     if callable(nfe):
-        settings["nfe"] = nfe(guidance_scale != 1.0)
+        guided = guidance_scale != 1.0
+        settings["nfe"] = sampler_nfe(sampler, guided, diffusion) if diffusion is not None else nfe(guided)
     return settings
 
 

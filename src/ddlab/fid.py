@@ -85,7 +85,7 @@ def _generate(cfg: DictConfig, inp: dict, record: dict, out_dir: Path) -> None:
     loaded, (sampler, scfg, w) = inp["loaded"], inp["sampler"]
     n, seed = int(cfg.n), int(cfg.seed)
     labels = ev.make_labels(None, n, int(getattr(loaded.model, "num_classes", 0)), seed)
-    settings = ev.describe_sampler(sampler, scfg, w)
+    settings = ev.describe_sampler(sampler, scfg, w, loaded.diffusion)
     log.info("sampling %d images with %s (%s steps, guidance %.3g)", n, settings["name"], settings["steps"], w)
     t0 = time.perf_counter()
     inp["images"] = ev.generate_uint8(loaded.model, loaded.diffusion, sampler, n, int(cfg.batch_size), labels=labels,

@@ -37,7 +37,7 @@ def sample(cfg: DictConfig) -> dict:
     k = int(getattr(loaded.model, "num_classes", 0))
     sampler, scfg, w = ev.run_sampler(loaded.config.get("sampler"), _container(cfg.get("sampler")), k)
     labels = ev.make_labels(_container(cfg.labels), n, k, seed)
-    settings = ev.describe_sampler(sampler, scfg, w)
+    settings = ev.describe_sampler(sampler, scfg, w, loaded.diffusion)
     log.info("sampling %d images with %s (%s steps, guidance %.3g; %s weights, step %d)", n, settings["name"],
              settings["steps"], w, "EMA" if loaded.ema else "live", loaded.global_step)
     images = ev.generate_uint8(loaded.model, loaded.diffusion, sampler, n, bs, labels=labels, guidance_scale=w, seed=seed,

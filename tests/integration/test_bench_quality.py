@@ -33,7 +33,7 @@ def test_quick_quality_bench_runs_end_to_end(tmp_path, mnist_dir):
     assert systems == ["ddlab", "ddlab", "diffusers baseline", "diffusers baseline"]
     assert [(r["sampler"]["steps"], r["sampler"]["guidance_scale"]) for r in res["rows"][2:]] == [(3, 1.25), (2, 1.0)]  # ddim:3:1.25 is the default, scored once
     assert [(r["sampler"]["kind"], r["sampler"]["steps"], r["sampler"]["guidance_scale"]) for r in res["rows"][:2]] == [
-        ("dpmpp_2m", 4, 1.25), ("ddim", 2, 1.5)]
+        ("dpmpp_2m", 4, 2.5), ("ddim", 2, 1.5)]
     # training figures of the ddlab run: the data batch (not eval's) and the optimizer steps (not the sampler's)
     metrics = json.loads((Path(res["grids"]) / "ddlab" / "metrics.json").read_text())
     for r in res["rows"][:2]:
@@ -47,7 +47,7 @@ def test_quick_quality_bench_runs_end_to_end(tmp_path, mnist_dir):
     assert len(res["search"]) == 7  # lr x2, batch x2, width x2 around the starting point
     assert "| diffusers baseline |" in res["markdown"] and "| ddlab |" in proc.stdout
     grids = Path(res["grids"])
-    assert (grids / "baseline.png").is_file() and (grids / "ddlab_dpmpp_2m4_w1.25.png").is_file()
+    assert (grids / "baseline.png").is_file() and (grids / "ddlab_dpmpp_2m4_w2.5.png").is_file()
     assert (grids / "ddlab_ddim2_w1.5.png").is_file() and (grids / "baseline_ddim2_w1.png").is_file()
     saved = torch.load(grids / "baseline_ema.pt", weights_only=False)
     assert saved["settings"]["lr"] > 0 and saved["ema_state_dict"]

@@ -53,6 +53,13 @@ def test_sample_defaults_to_the_checkpoints_sampler_and_guidance(run, tmp_path):
     assert other["guidance_scale"] == 1.0 and not np.array_equal(res["images"], other["images"])
     # a deterministic sampler draws image i from its own noise: the batch size does not change the images
     np.testing.assert_array_equal(res["images"], _sample(ckpt, tmp_path / "d", "n=4", "batch_size=3")["images"])
+    # a guidance interval covering every noise level is plain guidance; one covering none is no guidance
+    # (and the record's NFE, counted before sampling, says how many forwards were guided)
+    every = _sample(ckpt, tmp_path / "e", "n=4", "batch_size=4", "+sampler.guidance_interval=[0.0,1.0e30]")
+    never = _sample(ckpt, tmp_path / "f", "n=4", "batch_size=4", "+sampler.guidance_interval=[1.0e29,1.0e30]")
+    np.testing.assert_array_equal(every["images"], res["images"])
+    np.testing.assert_array_equal(never["images"], other["images"])
+    assert (every["sampler"]["nfe"], never["sampler"]["nfe"], res["sampler"]["nfe"]) == (6, 3, 6)
 
 
 def test_sampler_config_merges_overrides_and_replaces_on_another_target():

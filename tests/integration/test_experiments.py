@@ -56,7 +56,10 @@ def test_recipes_keep_their_settings(tmp_path):
     assert c.data.num_classes == 10 and c.module.p_uncond > 0 and c.sampler.guidance_scale > 1
     # the measured winner of experiments/mnist_quality
     assert (c.scheduler.prediction, c.scheduler.min_snr_gamma, c.data.image_size) == ("v", 5.0, 28)
-    assert (c.sampler._target_, c.sampler.steps) == ("ddlab.diffusion.samplers.dpmpp_2m", 10)
+    assert (c.sampler._target_, c.sampler.steps) == ("ddlab.diffusion.samplers.dpmpp_2m", 8)
+    # the measured winner of experiments/mnist_frontier: decay to 0 over the time budget, low-noise guidance
+    assert (c.module.lr_scheduler.decay, c.module.lr_scheduler.decay_over) == ("cosine", "time")
+    assert list(c.sampler.guidance_interval) == [0.3, 2.0] and c.sampler.guidance_scale == 2.5
     c = compose(["experiment=mnist_ddpm"], output_dir=tmp_path)
     assert (c.scheduler.schedule, c.sampler._target_, c.data.num_classes) == ("linear", "ddlab.diffusion.samplers.ddpm", 0)
 

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ddlab.diffusion import GaussianDiffusion, check_guidance, guided_model_fn
+from ddlab.diffusion.guidance import check_guidance_interval, guides_at
 from ddlab.diffusion.respace import SPACINGS
 
 try:  # the sampler refactor may move it; both places are fine
@@ -168,12 +169,16 @@ class DiffusersSampler:
         clip_x0: clip the predicted clean image to [-1, 1] at every step (as ddlab's samplers do).
         guidance_scale: classifier-free guidance weight ``w`` (1 = plain conditional).
         guidance_batching: ``joint``, ``split`` or ``auto`` (see ``ddlab.diffusion.resolve_guidance_batching``).
+        guidance_interval: null, or ``[sigma_lo, sigma_hi]``: guide only the network calls at timesteps whose
+            noise level ``sigma = sqrt((1 - alpha_bar) / alpha_bar)`` lies in ``(sigma_lo, sigma_hi]``, as
+            ddlab's samplers do.
         progress: show a progress bar (``False``: none).
     """
 
     def __init__(self, scheduler: str = "EulerDiscreteScheduler", steps: int = 25, spacing: str = "trailing",
                  scheduler_kwargs: Optional[Mapping[str, Any]] = None, step_kwargs: Optional[Mapping[str, Any]] = None,
-                 clip_x0: bool = True, guidance_scale: float = 1.0, guidance_batching: str = "auto", progress: bool = True):
+                 clip_x0: bool = True, guidance_scale: float = 1.0, guidance_batching: str = "auto",
+                 guidance_interval: Optional[Sequence[float]] = None, progress: bool = True):
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"sampler.steps must be an integer >= 1, got {steps!r}")
         if spacing not in SPACINGS:
@@ -181,6 +186,7 @@ class DiffusersSampler:
         if guidance_scale < 0:
             raise ValueError(f"sampler.guidance_scale must be >= 0, got {guidance_scale}")
         resolve_guidance_batching(guidance_batching, "cpu")
+        self.guidance_interval = check_guidance_interval(guidance_interval)
         self.scheduler_kwargs = {str(k): _plain(v) for k, v in dict(scheduler_kwargs or {}).items()}
         check_scheduler_kwargs(scheduler, self.scheduler_kwargs)
         cls = scheduler_class(scheduler)
@@ -203,6 +209,7 @@ class DiffusersSampler:
         self.guidance_batching = guidance_batching
         self.progress = progress
         self._nfe: dict = {}  # steps -> timesteps per run (steps may be changed on the instance)
+        self._formulation = None  # the last process sampled (for nfe with a guidance interval)
 
     @property
     def name(self) -> str:
@@ -212,21 +219,38 @@ class DiffusersSampler:
         """A fresh scheduler configured from ``diffusion`` (schedulers keep per-run state)."""
         return make_scheduler(self.scheduler, diffusion, self.spacing, self.scheduler_kwargs)
 
-    def nfe(self, guided: bool = False) -> int:
-        """Network evaluations per image: one per scheduler timestep, twice that with guidance."""
+    def nfe(self, guided: bool = False, diffusion: Optional[GaussianDiffusion] = None) -> int:
+        """Network evaluations per image: one per scheduler timestep, twice that with guidance (only
+        inside ``guidance_interval`` when one is set, which needs ``diffusion``: the noise levels are its)."""
+        if guided and self.guidance_interval is not None:
+            diffusion = diffusion if diffusion is not None else self._formulation
+            if diffusion is None:
+                raise ValueError(f"sampler {self.name}: with a guidance_interval the number of guided forwards depends on "
+                                 "the noise levels: call nfe(guided, diffusion)")
+            sched = self.build(diffusion)
+            sched.set_timesteps(self.steps)
+            table = getattr(sched, "alphas_cumprod", diffusion.alphas_cumprod)
+            return sum(1 + guides_at(self._sigma(table, float(t)), self.guidance_interval) for t in sched.timesteps)
         if self.steps not in self._nfe:
             s = self.build(GaussianDiffusion(schedule="linear", num_timesteps=1000))
             s.set_timesteps(self.steps)
             self._nfe[self.steps] = int(len(s.timesteps))
         return self._nfe[self.steps] * (2 if guided else 1)
 
-    def _denoiser(self, fn, prediction: str, alphas_cumprod: torch.Tensor, y, channels: int):
-        """The model function the scheduler calls. Clipping uses the scheduler's own alpha-bar table,
-        so the scheduler recovers exactly the clipped x0 from the prediction it is handed."""
+    @staticmethod
+    def _sigma(alphas_cumprod: torch.Tensor, t: float) -> float:
+        ab = float(alpha_bar_at(alphas_cumprod, t))
+        return math.sqrt((1 - ab) / ab)
+
+    def _denoiser(self, guided, plain, prediction: str, alphas_cumprod: torch.Tensor, y, channels: int):
+        """The model function the scheduler calls (``guided`` inside the guidance interval, ``plain``
+        outside). Clipping uses the scheduler's own alpha-bar table, so the scheduler recovers exactly
+        the clipped x0 from the prediction it is handed."""
         def denoise(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             tv = t.reshape(()).expand(x_in.shape[0])
             if tv.is_floating_point() and bool((tv == tv.round()).all()):
                 tv = tv.long()
+            fn = guided if guides_at(self._sigma(alphas_cumprod, float(t)), self.guidance_interval) else plain
             out = fn(x_in, tv, y)[:, :channels]  # learned variance: the mean prediction only
             if self.clip_x0:
                 out = clip_prediction(out, x_in, alpha_bar_at(alphas_cumprod, float(t)), prediction)
@@ -253,7 +277,8 @@ class DiffusersSampler:
         if y is not None:
             y = torch.as_tensor(y, device=device, dtype=torch.long)
         table = getattr(sched, "alphas_cumprod", diffusion.alphas_cumprod)
-        denoise = self._denoiser(fn, diffusion.prediction, table, y, shape[1])
+        self._formulation = diffusion
+        denoise = self._denoiser(fn, model, diffusion.prediction, table, y, shape[1])
         extra = dict(self.step_kwargs)
         if self._takes_generator:
             extra["generator"] = generator

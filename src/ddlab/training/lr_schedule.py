@@ -29,7 +29,8 @@ class WarmupDecay:
     the decay is at ``time_fraction`` (0 at the start of training, 1 at ``trainer.max_time``), which
     :class:`~ddlab.training.DiffusionModule` sets from Lightning's ``Timer`` before every step (the
     timer's elapsed time is in the checkpoint, so a resumed run continues the curve). The run then
-    ends at the bottom of the schedule however many steps the machine managed.
+    ends at the bottom of the schedule however many steps the machine managed. Without
+    ``trainer.max_time`` the module switches it to ``steps`` over the trainer's step count.
     """
 
     def __init__(self, warmup_steps: int = 0, decay: str = "constant", total_steps: Optional[int] = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import logging
 import math
 import os
 import time
@@ -24,6 +25,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from ddlab.diffusion import ConfiguredSampler, GaussianDiffusion, UniformSampler, samplers
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -166,9 +169,16 @@ class DiffusionModule(pl.LightningModule):
         return next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
 
     def on_train_start(self) -> None:
-        if self._time_decays() and self._budget_timer() is None:
-            raise ValueError("module.lr_scheduler.decay_over=time decays over trainer.max_time, which is not set: "
-                             "set trainer.max_time (e.g. 00:00:10:00) or use decay_over=steps")
+        decays = self._time_decays()
+        if not decays or self._budget_timer() is not None:
+            return
+        est = self.trainer.estimated_stepping_batches  # no time budget: decay over the run's steps, if known
+        if not math.isfinite(est):
+            raise ValueError("module.lr_scheduler.decay_over=time decays over trainer.max_time, which is not set (nor "
+                             "trainer.max_steps / max_epochs): set trainer.max_time (e.g. 00:00:10:00) or use decay_over=steps")
+        log.info("module.lr_scheduler.decay_over=time without trainer.max_time: decaying over the run's %d steps", int(est))
+        for fn in decays:
+            fn.decay_over, fn.total_steps = "steps", int(est)
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         decays = self._time_decays()
