@@ -22,7 +22,7 @@ from torch import nn
 from .guidance import GUIDANCE_BATCHING, check_guidance, guided_model_fn, resolve_guidance_batching  # noqa: F401 (old imports)
 from .guidance import check_guidance_interval, guides_at
 from .respace import SPACINGS, space_timesteps
-from .sigmas import as_denoiser, karras_sigmas
+from .sigmas import as_denoiser, karras_sigmas, vp_sigmas
 
 SCHEDULES = ("karras", "model")
 
@@ -159,12 +159,11 @@ class DiscreteSampler(ConfiguredSampler):
         return len(space_timesteps(self._num_timesteps, self.steps, self.spacing, self.step_size))
 
     def eval_sigmas(self, diffusion) -> list[float]:
-        ab = self.respaced(diffusion).alphas_cumprod.to(torch.float64).flip(0)
-        return ((1 - ab) / ab).sqrt().tolist()
+        return vp_sigmas(self.respaced(diffusion).alphas_cumprod).flip(0).tolist()
 
     def _run(self, fn_at, diffusion, x, y, generator, callback):
         d = self.respaced(diffusion)
-        sigmas = ((1 - d.alphas_cumprod.to(torch.float64)) / d.alphas_cumprod.to(torch.float64)).sqrt().tolist()
+        sigmas = vp_sigmas(d.alphas_cumprod).tolist()  # by step index
 
         def model_fn(x_t: torch.Tensor, i: int) -> dict:
             t = torch.full((x_t.shape[0],), i, device=x_t.device, dtype=torch.long)

@@ -32,6 +32,12 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
 
 
+def vp_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The noise levels ``sigma = sqrt((1 - ab) / ab)`` of a VP process's alpha-bars, in float64."""
+    ab = torch.as_tensor(alphas_cumprod).to(torch.float64)
+    return ((1 - ab) / ab).sqrt()
+
+
 class VPDenoiser:
     """A discrete VP process seen as a sigma-space formulation, so sigma-space samplers run on any
     :class:`~ddlab.diffusion.GaussianDiffusion` checkpoint (k-diffusion's discrete wrapper, written anew).
@@ -44,8 +50,7 @@ class VPDenoiser:
     """
 
     def __init__(self, diffusion):
-        ab = diffusion.alphas_cumprod.to(torch.float64)
-        self.sigmas = ((1 - ab) / ab).sqrt()  # ascending with the step index
+        self.sigmas = vp_sigmas(diffusion.alphas_cumprod)  # ascending with the step index
         self.log_sigmas = self.sigmas.log()
         self.timesteps = diffusion.timestep_map.to(torch.float64)  # training index of each step
         self.prediction = diffusion.prediction

@@ -30,6 +30,7 @@ from torch import nn
 from ddlab.diffusion import GaussianDiffusion, check_guidance, guided_model_fn
 from ddlab.diffusion.guidance import check_guidance_interval, guides_at
 from ddlab.diffusion.respace import SPACINGS
+from ddlab.diffusion.sigmas import vp_sigmas
 
 try:  # the sampler refactor may move it; both places are fine
     from ddlab.diffusion import resolve_guidance_batching
@@ -239,8 +240,7 @@ class DiffusersSampler:
 
     @staticmethod
     def _sigma(alphas_cumprod: torch.Tensor, t: float) -> float:
-        ab = float(alpha_bar_at(alphas_cumprod, t))
-        return math.sqrt((1 - ab) / ab)
+        return float(vp_sigmas(torch.tensor(alpha_bar_at(alphas_cumprod, t))))
 
     def _denoiser(self, guided, plain, prediction: str, alphas_cumprod: torch.Tensor, y, channels: int):
         """The model function the scheduler calls (``guided`` inside the guidance interval, ``plain``

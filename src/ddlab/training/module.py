@@ -77,6 +77,7 @@ class DiffusionModule(pl.LightningModule):
         self.diffusion = diffusion
         self.sampler = sampler or samplers.ddim()
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self._time_decays, self._budget_timer = [], None  # decay_over=time lambdas and their clock (on_train_start)
         self.num_classes = int(getattr(model, "num_classes", 0))
         # EDM (``scheduler=edm``): the formulation draws continuous noise levels itself (log-normal sigma)
         self.sigma_space = hasattr(diffusion, "sample_sigma")
@@ -156,36 +157,29 @@ class DiffusionModule(pl.LightningModule):
         for i in range(4):
             self.log(f"train/loss_q{i}", per_q[i], **log)
 
-    def _time_decays(self) -> list:
-        """The LR schedule's ``lr_lambda`` objects that decay over the time budget (``decay_over=time``)."""
-        out = []
-        for cfg in getattr(self.trainer, "lr_scheduler_configs", None) or []:
-            out += [fn for fn in getattr(cfg.scheduler, "lr_lambdas", []) if getattr(fn, "decay_over", None) == "time"]
-        return out
-
-    def _budget_timer(self):
+    def on_train_start(self) -> None:
+        """Finds the LR schedule's ``decay_over=time`` lambdas once (stepped from Lightning's ``Timer`` in
+        :meth:`on_train_batch_start`); without a time budget they decay over the run's steps instead."""
         from lightning.pytorch.callbacks import Timer
 
-        return next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
-
-    def on_train_start(self) -> None:
-        decays = self._time_decays()
-        if not decays or self._budget_timer() is not None:
+        self._time_decays = [fn for cfg in (getattr(self.trainer, "lr_scheduler_configs", None) or [])
+                             for fn in getattr(cfg.scheduler, "lr_lambdas", []) if getattr(fn, "decay_over", None) == "time"]
+        self._budget_timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        if not self._time_decays or self._budget_timer is not None:
             return
         est = self.trainer.estimated_stepping_batches  # no time budget: decay over the run's steps, if known
         if not math.isfinite(est):
             raise ValueError("module.lr_scheduler.decay_over=time decays over trainer.max_time, which is not set (nor "
                              "trainer.max_steps / max_epochs): set trainer.max_time (e.g. 00:00:10:00) or use decay_over=steps")
         log.info("module.lr_scheduler.decay_over=time without trainer.max_time: decaying over the run's %d steps", int(est))
-        for fn in decays:
+        for fn in self._time_decays:
             fn.decay_over, fn.total_steps = "steps", int(est)
+        self._time_decays = []
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
-        decays = self._time_decays()
-        if decays:  # the share of the time budget spent, from Lightning's Timer (restored on resume)
-            timer = self._budget_timer()
-            elapsed, left = timer.time_elapsed("train"), timer.time_remaining("train")
-            for fn in decays:
+        if self._time_decays:  # the share of the time budget spent, from Lightning's Timer (restored on resume)
+            elapsed, left = self._budget_timer.time_elapsed("train"), self._budget_timer.time_remaining("train")
+            for fn in self._time_decays:
                 fn.time_fraction = elapsed / max(elapsed + left, 1e-9)
 
     def on_before_optimizer_step(self, optimizer) -> None:
